@@ -1,0 +1,48 @@
+"""rapydli: deep networks lowered to tiled task graphs and trained on Dask.
+
+The names users type: network and layer specs, placements, optimizers, and the verbs
+``value_and_grad``, ``fit``, ``evaluate``, ``predict``.
+"""
+from rapydli.errors import (
+    ClusterError,
+    ConfigError,
+    DataError,
+    PlacementError,
+    RapydliError,
+    ShapeError,
+)
+from rapydli.layers import (
+    Activation,
+    AvgPool2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
+from rapydli.losses import Loss
+from rapydli.network import Sequential
+from rapydli.optim import SGD
+from rapydli.placement import (
+    Mesh,
+    Placement,
+    Tiling,
+    data_parallel,
+    hybrid,
+    model_parallel,
+    single,
+    spatial_parallel,
+)
+from rapydli.training import evaluate, fit, predict, value_and_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "AvgPool2D", "ClusterError", "ConfigError", "Conv2D", "DataError", "Dense",
+    "Flatten", "Loss", "MaxPool2D", "Mesh", "Placement", "PlacementError", "RapydliError",
+    "ReLU", "SGD", "Sequential", "ShapeError", "Sigmoid", "Tanh", "Tiling", "data_parallel",
+    "evaluate", "fit", "hybrid", "model_parallel", "predict", "single", "spatial_parallel",
+    "value_and_grad",
+]

@@ -1,0 +1,102 @@
+"""Communication rules: the ops inserted where a consumer's tiling differs from its producer's.
+
+One mechanism covers every case. A consumer tile needs a *region* of a tensor; the producer's
+tiles that overlap it each contribute a *piece*. A piece on the consumer's worker is cut
+locally; a piece on another worker is cut there by a ``send`` op, so exactly its bytes travel.
+
+- forward, dense layer after a cut layer: the pieces are whole tiles (an all-gather);
+- forward, window layer cut by rows: the pieces from neighbours are the border rows (a halo);
+- backward: the same pieces flow back and are *summed* (``add=True``) into the producer's tile;
+- weight gradients: :func:`tree_reduce` sums partial gradients, locally first, then pairwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rapydli.graph.ops import Ref, TileOp, assemble_task, identity_task, slice_task, sum_task
+from rapydli.graph.tiles import Region, intersect, nbytes
+
+
+@dataclass(frozen=True)
+class Source:
+    """A tile of a tensor: where its value is (``ref``), what region it holds, on which worker."""
+
+    ref: Ref
+    region: Region
+    worker: int
+
+
+def redistribute(graph, name: str, region: Region, worker: int, sources: list[Source],
+                 dtype, itemsize: int, add: bool = False, phase: str = "comm") -> Ref:
+    """A ref to the value of ``region`` on ``worker``, built from the overlapping ``sources``.
+
+    Cells outside every source are zero (padding). With ``add`` overlapping pieces are summed,
+    as gradients flowing back into a tile are. Adds no op when one local source is the region.
+    """
+    pieces = [(p, s) for s in sources if (p := intersect(region, s.region)) is not None]
+    if len(pieces) == 1:
+        piece, src = pieces[0]
+        if piece == region == src.region and src.worker == worker:
+            return src.ref
+    values, piece_regions, held_regions = [], [], []
+    for i, (piece, src) in enumerate(pieces):
+        if src.worker == worker:
+            values.append(src.ref)
+            held_regions.append(src.region)
+        else:
+            values.append(send(graph, f"{name}/send{i}", src, piece, itemsize))
+            held_regions.append(None)
+        piece_regions.append(piece)
+    size = nbytes(region, itemsize)
+    graph.add_op(TileOp(
+        name, "assemble", phase, worker, assemble_task, tuple(values),
+        dict(region=region, piece_regions=tuple(piece_regions),
+             held_regions=tuple(held_regions), dtype=dtype, add=add),
+        shape=tuple(e - s for s, e in region), nbytes=size))
+    return Ref(name, (), size)
+
+
+def send(graph, name: str, src: Source, piece: Region, itemsize: int) -> Ref:
+    """A ``send`` op on the source's worker that cuts ``piece``; its output travels."""
+    size = nbytes(piece, itemsize)
+    graph.add_op(TileOp(name, "send", "comm", src.worker, slice_task, (src.ref,),
+                        dict(piece=piece, held=src.region),
+                        shape=tuple(e - s for s, e in piece), nbytes=size))
+    return Ref(name, (), size)
+
+
+def forward_value(graph, name: str, ref: Ref, worker: int, size: int) -> Ref:
+    """A ``send`` op on ``worker`` holding exactly the value ``ref`` points into."""
+    graph.add_op(TileOp(name, "send", "comm", worker, identity_task, (ref,), nbytes=size))
+    return Ref(name, (), size)
+
+
+def tree_reduce(graph, name: str, parts: list[tuple[Ref, int]], size: int) -> tuple[Ref, int]:
+    """Sum partial values ``(ref, worker)``: per worker first, then pairwise across workers.
+
+    Returns the ref of the sum and the worker that holds it. Depth is ``ceil(log2(workers))``.
+    """
+    by_worker: dict[int, list[Ref]] = {}
+    for ref, worker in parts:
+        by_worker.setdefault(worker, []).append(ref)
+    level = []
+    for worker, refs in sorted(by_worker.items()):
+        if len(refs) > 1:
+            key = f"{name}/w{worker}"
+            graph.add_op(TileOp(key, "reduce", "comm", worker, sum_task, tuple(refs), nbytes=size))
+            refs = [Ref(key, (), size)]
+        level.append((refs[0], worker))
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for i in range(0, len(level) - 1, 2):
+            (a, wa), (b, wb) = level[i], level[i + 1]
+            b = forward_value(graph, f"{name}/d{depth}/send{i}", b, wb, size)
+            key = f"{name}/d{depth}/{i}"
+            graph.add_op(TileOp(key, "reduce", "comm", wa, sum_task, (a, b), nbytes=size))
+            nxt.append((Ref(key, (), size), wa))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]

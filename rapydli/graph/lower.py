@@ -1,0 +1,307 @@
+"""Lowering: network + placement + batch size -> ``TileGraph`` of forward, backward, update ops.
+
+Each layer's output is cut into tiles by its tiling; a tile is computed on the worker of its
+mesh coordinate from the input region it needs, which :func:`~rapydli.graph.comm.redistribute`
+brings together (gather, halo exchange). Backward mirrors forward, pieces summed. Weight tiles
+are resident on every worker that computes with them; their partial gradients are
+tree-reduced and each replica applies the same update, so replicas never diverge.
+
+>>> from rapydli import Sequential, Dense, data_parallel
+>>> net = Sequential([Dense(4, activation="relu"), Dense(3)], input_shape=(5,))
+>>> g = lower(net, data_parallel(2), batch=8)
+>>> g.count("forward"), g.count("backward"), g.count("update")
+(4, 4, 8)
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from rapydli.errors import ShapeError
+from rapydli.graph import ops
+from rapydli.graph.comm import Source, forward_value, redistribute, tree_reduce
+from rapydli.graph.ops import Ref, TileOp
+from rapydli.graph.tiles import Region, nbytes, shape_of, tile_grid
+from rapydli.layers import AXES
+
+MODES = ("train", "grad", "eval", "predict")
+
+
+class TileGraph(nx.DiGraph):
+    """A DAG of :class:`TileOp` s (node attribute ``op``); edges carry the ``nbytes`` they move.
+
+    ``graph.graph`` holds ``placeholders`` (``$`` keys bound per step), ``outputs`` (refs by
+    role) and ``meta`` (mesh, batch, mode, dtype).
+    """
+
+    def add_op(self, op: TileOp) -> None:
+        assert op.key not in self, f"duplicate op key {op.key}"
+        self.add_node(op.key, op=op)
+        for ref in op.inputs:
+            self.add_edge(ref.key, op.key, nbytes=ref.nbytes)
+
+    def op(self, key: str) -> TileOp:
+        return self.nodes[key]["op"]
+
+    def ops(self, kind: str | None = None, phase: str | None = None) -> list[TileOp]:
+        return [op for _, op in self.nodes(data="op")
+                if (kind is None or op.kind == kind) and (phase is None or op.phase == phase)]
+
+    def count(self, phase: str) -> int:
+        return len(self.ops(phase=phase))
+
+    def crossing_edges(self):
+        """``(producer, consumer, nbytes)`` for every edge whose ends sit on different workers."""
+        for u, v, size in self.edges(data="nbytes"):
+            wu, wv = self.op(u).worker, self.op(v).worker
+            if wu is not None and wv is not None and wu != wv:
+                yield u, v, size
+
+    def validate(self) -> None:
+        """Check the invariants the scheduler relies on; raise ``AssertionError`` if broken."""
+        assert nx.is_directed_acyclic_graph(self), "tile graph has a cycle"
+        for u, v, _ in self.crossing_edges():
+            assert self.op(u).kind == "send", f"{u} -> {v} crosses workers without a send op"
+        for key, op in self.nodes(data="op"):
+            assert op is not None, f"edge to unknown op {key}"
+
+
+@dataclass
+class _Tile:
+    region: Region
+    worker: int
+    x: Ref
+    x_region: Region
+    params: tuple[tuple[str, str, Region], ...]  # (param name, key, region)
+    y: Ref | None = None
+
+
+@dataclass
+class _Lowering:
+    network: object
+    placement: object
+    batch: int
+    mode: str
+    optimizer: object
+    dtype: np.dtype
+    graph: TileGraph = field(default_factory=TileGraph)
+    placeholders: dict = field(default_factory=dict)
+    replicas: dict = field(default_factory=dict)  # (param key, region) -> set of workers
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    def placeholder(self, key: str, info: tuple, worker: int | None) -> Ref:
+        if key not in self.placeholders:
+            self.placeholders[key] = info
+            self.graph.add_op(TileOp(key, "placeholder", "input", worker, None))
+        return Ref(key)
+
+    def param_ref(self, pkey: str, region: Region, worker: int) -> Ref:
+        self.replicas.setdefault((pkey, region), set()).add(worker)
+        return self.placeholder(f"$param:{pkey}:{region}@{worker}",
+                                ("param", pkey, region, worker), worker)
+
+    def state_ref(self, pkey: str, slot: str, region: Region, worker: int) -> Ref:
+        return self.placeholder(f"$state:{slot}:{pkey}:{region}@{worker}",
+                                ("state", pkey, slot, region, worker), worker)
+
+    def load(self, name: str, what: str, region: Region, worker: int, dtype) -> Ref:
+        data = self.placeholder(f"$data:{what}@{worker}", ("data", what, worker), worker)
+        index = self.placeholder("$index", ("index",), None)
+        self.graph.add_op(TileOp(name, "load", "input", worker, ops.load_region, (data, index),
+                                 dict(region=region, dtype=dtype), shape=shape_of(region),
+                                 nbytes=nbytes(region, np.dtype(dtype).itemsize)))
+        return Ref(name, (), nbytes(region, np.dtype(dtype).itemsize))
+
+    def register_replicas(self, layer, in_s, out_s, cuts) -> None:
+        """Every worker that holds a tile of this layer's weights, however small the batch.
+
+        A batch smaller than the mesh leaves some workers without work; their replicas must
+        still receive every update, or they would drift from the others.
+        """
+        mesh = self.placement.mesh
+        big = (max(self.batch, mesh.size), *out_s)
+        for coord, region in tile_grid(big, cuts, mesh.shape):
+            for pkey, preg in layer.param_regions(region, in_s).items():
+                key = (f"{layer.name}.{pkey}", preg)
+                self.replicas.setdefault(key, set()).add(mesh.index(coord))
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self) -> tuple[list[list[_Tile]], list[Source]]:
+        layers_tiles, sources = [], []
+        mesh = self.placement.mesh
+        for i, (layer, (in_s, out_s)) in enumerate(zip(self.network.layers, self.network.shapes)):
+            in_full, out_full = (self.batch, *in_s), (self.batch, *out_s)
+            tiling = self.placement.tiling_for(layer, len(out_full))
+            cuts = [tiling[axis] for axis in AXES[len(out_full)]]
+            self.register_replicas(layer, in_s, out_s, cuts)
+            tiles = []
+            for t, (coord, region) in enumerate(tile_grid(out_full, cuts, mesh.shape)):
+                worker = mesh.index(coord)
+                need = layer.input_region(region, in_s)
+                name = f"{layer.name}/in/t{t}"
+                x = (self.load(name, "x", need, worker, self.dtype) if i == 0 else
+                     redistribute(self.graph, name, need, worker, sources, self.dtype,
+                                  self.itemsize))
+                params = tuple((p, f"{layer.name}.{p}", r)
+                               for p, r in layer.param_regions(region, in_s).items())
+                tile = _Tile(region, worker, x, need, params)
+                key = f"{layer.name}/fwd/t{t}"
+                size = nbytes(region, self.itemsize)
+                refs = tuple(self.param_ref(k, r, worker) for _, k, r in params)
+                self.graph.add_op(TileOp(
+                    key, "forward", "forward", worker, ops.forward_task, (x, *refs),
+                    dict(layer=layer, names=tuple(p for p, _, _ in params)), layer.name,
+                    shape_of(region), size, layer.flops(shape_of(region), in_s)))
+                tile.y = Ref(key, (), size)
+                tiles.append(tile)
+            layers_tiles.append(tiles)
+            sources = [Source(tile.y, tile.region, tile.worker) for tile in tiles]
+        return layers_tiles, sources
+
+    # --- loss --------------------------------------------------------------------------------
+
+    def loss(self, last_tiles: list[_Tile], sources: list[Source]) -> list[Source]:
+        """Loss tiles cut along the batch like the last layer; returns their ``dpred`` sources."""
+        out_s = self.network.output_shape
+        loss = self.network.loss
+        owners: dict[tuple[int, int], int] = {}
+        for tile in last_tiles:  # one loss tile per batch range, on its first tile's worker
+            owners[tile.region[0]] = min(owners.get(tile.region[0], tile.worker), tile.worker)
+        batch_regions = sorted(owners.items())
+        grads, scalars = [], []
+        for t, ((b0, b1), worker) in enumerate(batch_regions):
+            region = ((b0, b1), *((0, n) for n in out_s))
+            pred = redistribute(self.graph, f"loss/in/t{t}", region, worker, sources,
+                                self.dtype, self.itemsize)
+            target = (self.load(f"loss/target/t{t}", "y", ((b0, b1),), worker, np.int64)
+                      if loss.integer_labels else
+                      self.load(f"loss/target/t{t}", "y", region, worker, self.dtype))
+            key = f"loss/t{t}"
+            backward = self.mode in ("train", "grad")
+            self.graph.add_op(TileOp(
+                key, "loss", "forward", worker, ops.loss_task, (pred, target),
+                dict(loss=loss, scale=loss.scale(self.batch, out_s), backward=backward),
+                shape=shape_of(region), flops=5 * int(np.prod(shape_of(region)))))
+            grads.append(Source(Ref(key, (1,), nbytes(region, self.itemsize)), region, worker))
+            self.graph.add_op(TileOp(f"loss/scalars/t{t}", "send", "comm", worker,
+                                     ops.scalars_task, (Ref(key),), nbytes=16))
+            scalars.append(Ref(f"loss/scalars/t{t}", (), 16))
+        self.graph.add_op(TileOp("metrics", "output", "comm", None, ops.metrics_task,
+                                 tuple(scalars)))
+        self.outputs["metrics"] = Ref("metrics")
+        return grads
+
+    # --- backward and update -------------------------------------------------------------
+
+    def backward(self, layers_tiles: list[list[_Tile]], grads: list[Source]) -> dict:
+        """Backward ops, last layer first; returns partial weight gradients by weight tile."""
+        partials: dict[tuple[str, Region], list[tuple[Ref, int]]] = {}
+        for i in range(len(layers_tiles) - 1, -1, -1):
+            layer = self.network.layers[i]
+            new_grads = []
+            for t, tile in enumerate(layers_tiles[i]):
+                dy = redistribute(self.graph, f"{layer.name}/dy/t{t}", tile.region, tile.worker,
+                                  grads, self.dtype, self.itemsize, add=True, phase="comm")
+                key = f"{layer.name}/bwd/t{t}"
+                refs = tuple(self.param_ref(k, r, tile.worker) for _, k, r in tile.params)
+                self.graph.add_op(TileOp(
+                    key, "backward", "backward", tile.worker, ops.backward_task,
+                    (tile.x, tile.y, dy, *refs),
+                    dict(layer=layer, names=tuple(p for p, _, _ in tile.params), need_dx=i > 0),
+                    layer.name, tile.x_region,
+                    flops=2 * layer.flops(shape_of(tile.region), self.network.shapes[i][0])))
+                size = nbytes(tile.x_region, self.itemsize)
+                new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
+                for j, (_, pkey, region) in enumerate(tile.params):
+                    ref = Ref(key, (1, j), nbytes(region, self.itemsize))
+                    partials.setdefault((pkey, region), []).append((ref, tile.worker))
+            grads = new_grads
+        return partials
+
+    def reduce_and_update(self, partials: dict) -> None:
+        grads_out: dict[str, list] = {}
+        new_values: dict[str, Ref] = {}
+        slots = self.optimizer.slots if self.optimizer is not None else ()
+        for (pkey, region), parts in sorted(partials.items()):
+            size = nbytes(region, self.itemsize)
+            total, root = tree_reduce(self.graph, f"{pkey}/grad/{_tag(region)}", parts, size)
+            if self.mode == "grad":
+                key = f"{pkey}/grad/{_tag(region)}/out"
+                out = forward_value(self.graph, key, total, root, size)
+                grads_out.setdefault(pkey, []).append((region, out))
+                continue
+            for worker in sorted(self.replicas[(pkey, region)]):
+                g = (total if worker == root else
+                     forward_value(self.graph, f"{pkey}/grad/{_tag(region)}/to{worker}",
+                                   total, root, size))
+                weight = self.param_ref(pkey, region, worker)
+                state = tuple(self.state_ref(pkey, s, region, worker) for s in slots)
+                key = f"{pkey}/update/{_tag(region)}/w{worker}"
+                self.graph.add_op(TileOp(
+                    key, "update", "update", worker, ops.update_task, (weight, g, *state),
+                    dict(optimizer=self.optimizer, slots=slots), pkey.split(".")[0],
+                    shape_of(region), size, 4 * int(np.prod(shape_of(region)))))
+                new_values[weight.key] = Ref(key, (0,), size)
+                for k, s in enumerate(state):
+                    new_values[s.key] = Ref(key, (1 + k,), size)
+        self.outputs["grads"] = grads_out
+        self.outputs["new_values"] = new_values
+
+    def predictions(self, last_tiles: list[_Tile]) -> None:
+        outs = []
+        for t, tile in enumerate(last_tiles):
+            size = nbytes(tile.region, self.itemsize)
+            outs.append((tile.region, forward_value(self.graph, f"output/t{t}", tile.y,
+                                                    tile.worker, size)))
+        self.outputs["predictions"] = outs
+
+    def run(self) -> TileGraph:
+        self.outputs: dict = {}
+        layers_tiles, sources = self.forward()
+        if self.mode == "predict":
+            self.predictions(layers_tiles[-1])
+        if self.mode != "predict":
+            grads = self.loss(layers_tiles[-1], sources)
+        if self.mode in ("train", "grad"):
+            self.reduce_and_update(self.backward(layers_tiles, grads))
+        self.graph.graph.update(
+            placeholders=self.placeholders, outputs=self.outputs,
+            replicas={k: tuple(sorted(v)) for k, v in self.replicas.items()},
+            meta=dict(mesh=self.placement.mesh, batch=self.batch, mode=self.mode,
+                      dtype=self.dtype, n_workers=self.placement.mesh.size))
+        return self.graph
+
+
+def _tag(region: Region) -> str:
+    return "x".join(f"{a}:{b}" for a, b in region)
+
+
+def lower(network, placement, batch: int, mode: str = "train", optimizer=None,
+          dtype="float32") -> TileGraph:
+    """Lower one step of ``network`` under ``placement`` for a batch of ``batch`` samples.
+
+    ``mode``: ``"train"`` (forward, loss, backward, gradient reduction, update), ``"grad"``
+    (up to reduced gradients), ``"eval"`` (forward and loss) or ``"predict"`` (forward).
+    """
+    from rapydli.placement import single
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; received {mode!r}")
+    if not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ShapeError(f"batch: expected a positive int; received {batch!r}")
+    if mode == "train" and optimizer is None:
+        raise ValueError("mode='train' needs an optimizer")
+    graph = _Lowering(network, placement or single(), int(batch), mode, optimizer,
+                      np.dtype(dtype)).run()
+    return graph
+
+
+def op_counts(graph: TileGraph) -> Counter:
+    return Counter(op.kind for op in graph.ops())

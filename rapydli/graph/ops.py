@@ -1,0 +1,157 @@
+"""``TileOp``, the one node type of a tile graph, and the pure functions tile ops run.
+
+An op runs ``fn(*input values, **kwargs)`` on one worker. Its inputs are :class:`Ref` s to
+other ops' outputs (``pick`` selects an item of a tuple output) or to *placeholders*, keys
+starting with ``$`` that the engine binds per step (data, batch indices, resident weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from rapydli.graph.tiles import Region, intersect, relative, shape_of
+
+#: phases an op belongs to
+PHASES = ("input", "forward", "backward", "update", "comm")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Output ``pick`` (an index path, ``()`` for all) of op ``key``; ``nbytes`` travel with it."""
+
+    key: str
+    pick: tuple = ()
+    nbytes: int = 0
+
+    def __repr__(self):
+        return f"Ref({self.key}{''.join(f'[{p}]' for p in self.pick)})"
+
+
+@dataclass(frozen=True, eq=False)
+class TileOp:
+    """One node of a tile graph: a pure function of its inputs, pinned to a mesh worker."""
+
+    key: str
+    kind: str
+    phase: str
+    worker: int | None
+    fn: Callable | None
+    inputs: tuple[Ref, ...] = ()
+    kwargs: dict = field(default_factory=dict)
+    layer: str | None = None
+    shape: tuple[int, ...] = ()
+    nbytes: int = 0
+    flops: int = 0
+
+    def __post_init__(self):
+        assert self.phase in PHASES, self.phase
+
+    def __repr__(self):
+        return f"TileOp({self.key!r}, {self.kind}, worker={self.worker})"
+
+
+def pick(value, path: tuple):
+    for item in path:
+        value = value[item]
+    return value
+
+
+# --- functions the ops run; pure functions of arrays ------------------------------------------
+
+
+def load_region(data, index, *, region: Region, dtype):
+    """The batch rows ``index[batch range]`` of ``data``, cut to ``region`` with zero padding."""
+    b0, b1 = region[0]
+    rows = data[index[b0:b1]]  # (n, *sample shape)
+    held = ((b0, b1), *((0, n) for n in rows.shape[1:]))
+    piece = intersect(region, held)
+    out = assemble(region, [(piece, rows, held)] if piece else [], dtype)
+    return np.asarray(out, dtype=dtype)
+
+
+def assemble(region: Region, pieces, dtype, add: bool = False):
+    """An array for ``region`` built from ``(piece region, value, value region)`` triples.
+
+    ``value region`` is the region ``value`` holds (``None``: exactly the piece). Cells no piece
+    covers are zero (padding); with ``add`` the pieces are summed where they overlap.
+    """
+    if len(pieces) == 1 and not add:
+        piece_region, value, held = pieces[0]
+        if piece_region == region and (held is None or held == region):
+            return value
+    out = np.zeros(shape_of(region), dtype=dtype)
+    for piece_region, value, held in pieces:
+        if held is not None:
+            value = value[relative(piece_region, held)]
+        target = relative(piece_region, region)
+        if add:
+            out[target] += value
+        else:
+            out[target] = value
+    return out
+
+
+def assemble_task(*values, region, piece_regions, held_regions, dtype, add=False):
+    return assemble(region, list(zip(piece_regions, values, held_regions)), dtype, add=add)
+
+
+def slice_task(value, *, piece: Region, held: Region):
+    """The part ``piece`` of a value that holds ``held``: what one worker sends another."""
+    return np.ascontiguousarray(value[relative(piece, held)])
+
+
+def identity_task(value):
+    return value
+
+
+def sum_task(*values):
+    out = values[0] + values[1] if len(values) > 1 else values[0].copy()
+    for v in values[2:]:
+        out += v
+    return out
+
+
+def metrics_task(*values):
+    """``(loss, n_correct)`` summed over ``(loss, n_correct)`` pairs of every batch tile."""
+    return float(sum(v[0] for v in values)), int(sum(v[1] for v in values))
+
+
+def scalars_task(value):
+    """The ``(loss, n_correct)`` of a loss tile's output, without its gradient."""
+    return value[0], value[2]
+
+
+def forward_task(x, *params, layer, names: tuple[str, ...]):
+    return layer.forward(x, dict(zip(names, params)))
+
+
+def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: bool):
+    """``(dx, (dparam, ...))`` with the parameter gradients in the order of ``names``."""
+    dx, grads = layer.backward(x, y, dict(zip(names, params)), dy, need_dx)
+    return dx, tuple(grads[n] for n in names)
+
+
+def loss_task(pred, target, *, loss, scale: float, backward: bool = True):
+    """``(loss, dpred or None, n_correct)`` for one batch tile."""
+    value, dpred, n_correct = loss(pred, target, scale)
+    return float(value), (dpred if backward else None), int(n_correct)
+
+
+def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...]):
+    """``(new weight, new slot, ...)`` for one resident weight tile."""
+    new_weight, new_state = optimizer.update(weight, grad, dict(zip(slots, state)))
+    return (new_weight, *(new_state[s] for s in slots))
+
+
+def run_fused(program: tuple, keep: tuple, *values) -> dict:
+    """Run a fused chain of ops in order; returns the outputs in ``keep``, by key.
+
+    ``program`` is a tuple of ``(key, fn, input slots, kwargs)``; an input slot is
+    ``(i, pick)`` for the ``i``-th external value or ``(key, pick)`` for an earlier op.
+    """
+    env: dict[Any, Any] = dict(enumerate(values))
+    for key, fn, slots, kwargs in program:
+        env[key] = fn(*(pick(env[src], path) for src, path in slots), **kwargs)
+    return {k: env[k] for k in keep}

@@ -1,0 +1,172 @@
+"""``TileGraph`` -> ``StepPlan``: fused Dask tasks pinned to mesh workers; no ``Client`` here.
+
+A plan is built once per (network, placement, batch, mode) and instantiated per step: task
+keys become ``(name, step)`` tuples, placeholders are bound to the resident values of the
+previous step (futures) or to literals (batch indices), and each worker's tasks form one graph
+layer annotated with that worker, so the placement decides where every task runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dask._task_spec import Task, TaskRef
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from rapydli.graph.fuse import fuse
+from rapydli.graph.ops import Ref, pick, run_fused
+
+
+@dataclass(frozen=True)
+class FusedTask:
+    """One Dask task: ``run_fused(program, keep, prefixes, *externals)`` on ``worker``.
+
+    ``externals`` are ``("task", name)`` (another task's output dict) or ``("ph", key)``
+    (a placeholder bound per step).
+    """
+
+    name: str
+    worker: int | None
+    program: tuple
+    keep: tuple[str, ...]
+    externals: tuple[tuple[str, str], ...]
+    ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a value of a step lives: output ``path`` of task ``task``."""
+
+    task: str
+    path: tuple
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A placeholder's value for one step: a literal, or a path into a resident task output."""
+
+    value: object
+    path: tuple = ()
+
+
+def run_task(program, keep, prefixes, *values):
+    """Entry point of every Dask task of a plan: pick bound values, then run the ops."""
+    return run_fused(program, keep, *(pick(v, p) for v, p in zip(values, prefixes)))
+
+
+class StepPlan:
+    """The Dask form of a tile graph: fused tasks, placeholders, and where outputs live.
+
+    Attributes
+    ----------
+    tasks : dict of str to FusedTask
+    placeholders : dict of str to tuple
+        What each ``$`` key stands for (``("param", key, region, worker)``, ...).
+    outputs : dict
+        The tile graph's outputs with every :class:`Ref` turned into ``(task, path)``.
+    """
+
+    def __init__(self, graph, fused: bool = True):
+        self.graph = graph
+        self.meta = graph.graph["meta"]
+        self.placeholders: dict = graph.graph["placeholders"]
+        groups = fuse(graph, enabled=fused)
+        self.task_of = {key: name for name, _, keys in groups for key in keys}
+        wanted = self._wanted_keys(graph.graph["outputs"])
+        self.tasks = {name: self._build(graph, name, worker, keys, wanted)
+                      for name, worker, keys in groups}
+        self.outputs = _map_refs(graph.graph["outputs"], self.locate)
+        self._layer_of = {t.name: "any" if t.worker is None else f"w{t.worker}"
+                          for t in self.tasks.values()}
+        self._layer_deps: dict[str, set[str]] = {name: set() for name in self._layer_of.values()}
+        for t in self.tasks.values():
+            for kind, ref in t.externals:
+                if kind == "task" and self._layer_of[ref] != self._layer_of[t.name]:
+                    self._layer_deps[self._layer_of[t.name]].add(self._layer_of[ref])
+
+    def locate(self, ref: Ref) -> Loc:
+        """The task and the path into its output that hold the value of ``ref``."""
+        return Loc(self.task_of[ref.key], (ref.key, *ref.pick))
+
+    @staticmethod
+    def _wanted_keys(outputs) -> set[str]:
+        keys: set[str] = set()
+        _map_refs(outputs, lambda r: keys.add(r.key))
+        return keys
+
+    def _build(self, graph, name, worker, keys, wanted) -> FusedTask:
+        members = set(keys)
+        externals: list[tuple[str, str]] = []
+        program = []
+        for key in keys:
+            op = graph.op(key)
+            slots = []
+            for ref in op.inputs:
+                if ref.key in members:
+                    slots.append((ref.key, ref.pick))
+                    continue
+                if ref.key in self.placeholders:
+                    ext, path = ("ph", ref.key), ref.pick
+                else:
+                    ext, path = ("task", self.task_of[ref.key]), (ref.key, *ref.pick)
+                if ext not in externals:
+                    externals.append(ext)
+                slots.append((externals.index(ext), path))
+            program.append((key, op.fn, tuple(slots), op.kwargs))
+        keep = tuple(k for k in keys if k in wanted or any(
+            self.task_of.get(s) != name for s in graph.successors(k)))
+        return FusedTask(name, worker, tuple(program), keep, tuple(externals), tuple(keys))
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def instantiate(self, step, bindings: dict, workers: list[str]):
+        """A ``HighLevelGraph`` for one step. ``bindings`` maps placeholders to :class:`Bound`.
+
+        ``workers[i]`` is the address of mesh worker ``i``; task keys are ``(name, step)``.
+        """
+        layers: dict[str, dict] = {name: {} for name in self._layer_deps}
+        for task in self.tasks.values():
+            args, prefixes = [], []
+            for kind, ref in task.externals:
+                if kind == "task":
+                    args.append(TaskRef((ref, step)))
+                    prefixes.append(())
+                else:
+                    bound = bindings[ref]
+                    args.append(bound.value)
+                    prefixes.append(bound.path)
+            layers[self._layer_of[task.name]][(task.name, step)] = Task(
+                (task.name, step), run_task, task.program, task.keep, tuple(prefixes), *args)
+        hl_layers = {}
+        for lname, tasks in layers.items():
+            annotations = None
+            if lname != "any":
+                annotations = {"workers": [workers[int(lname[1:])]], "allow_other_workers": False}
+            hl_layers[lname] = MaterializedLayer(tasks, annotations=annotations)
+        return HighLevelGraph(hl_layers, {k: set(v) for k, v in self._layer_deps.items()})
+
+    def __repr__(self):
+        by_worker: dict = {}
+        for task in self.tasks.values():
+            by_worker[task.worker] = by_worker.get(task.worker, 0) + 1
+        meta = self.meta
+        return (f"StepPlan(mode={meta['mode']}, batch={meta['batch']}, mesh={meta['mesh']!r}, "
+                f"ops={self.graph.number_of_nodes()}, tasks={self.n_tasks}, "
+                f"tasks per worker={dict(sorted(by_worker.items(), key=str))})")
+
+
+def _map_refs(obj, fn):
+    """Apply ``fn`` to every :class:`Ref` inside nested dicts, lists and tuples."""
+    if isinstance(obj, Ref):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_refs(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_refs(v, fn) for v in obj)
+    return obj
+
+
+def to_dask(graph, fused: bool = True) -> StepPlan:
+    """The :class:`StepPlan` of a tile graph."""
+    return StepPlan(graph, fused=fused)

@@ -1,0 +1,68 @@
+"""Array-module dispatch: the same kernel code runs on NumPy or CuPy arrays.
+
+CuPy is optional; it is imported lazily and only when it is installed.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = ["available_backends", "get_array_module"]
+
+
+def _cupy() -> ModuleType | None:
+    """Return the cupy module when it is importable, else None."""
+    try:
+        return importlib.import_module("cupy")
+    except ImportError:  # not installed, or its CUDA libraries are missing
+        return None
+
+
+def get_array_module(x: Any) -> ModuleType:
+    """Return the array module (``numpy`` or ``cupy``) that owns ``x``.
+
+    Parameters
+    ----------
+    x : array_like
+        A NumPy array, a CuPy array or anything NumPy accepts.
+
+    Returns
+    -------
+    module
+        ``cupy`` for CuPy arrays, ``numpy`` otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> get_array_module(np.zeros(3)).__name__
+    'numpy'
+    """
+    if type(x).__module__.split(".")[0] == "cupy":
+        cp = _cupy()
+        if cp is not None:
+            return cp.get_array_module(x)
+    return np
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the array backends usable in this process.
+
+    Returns
+    -------
+    tuple of str
+        Always contains ``'numpy'``; contains ``'cupy'`` when CuPy imports and
+        a CUDA device is available.
+
+    Examples
+    --------
+    >>> 'numpy' in available_backends()
+    True
+    """
+    names = ["numpy"]
+    cp = _cupy()
+    if cp is not None and cp.cuda.is_available():  # is_available() swallows driver errors
+        names.append("cupy")
+    return tuple(names)

@@ -1,0 +1,114 @@
+"""2-D convolution kernels (NCHW, cross-correlation like PyTorch, zero padding).
+
+Both directions use im2col (a strided view) and a single ``tensordot``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from rapydli.errors import ShapeError
+from rapydli.kernels._windows import col2im, im2col, out_size, pad_hw, pair
+from rapydli.kernels.backend import get_array_module
+
+__all__ = ["conv2d_backward", "conv2d_forward"]
+
+Array = Any
+
+
+def _check(x: Array, w: Array, stride: Any, padding: Any) -> tuple[tuple[int, int], ...]:
+    """Validate shapes; return ``(k, s, p)`` as pairs."""
+    if w.ndim != 4 or x.ndim != 4 or x.shape[1] != w.shape[1]:
+        raise ShapeError(
+            f"conv2d expects x (N, C, H, W) and w (O, C, kh, kw) with the same C; "
+            f"got x {tuple(x.shape)} and w {tuple(w.shape)}"
+        )
+    k = (int(w.shape[2]), int(w.shape[3]))
+    s, p = pair(stride, "stride"), pair(padding, "padding", minimum=0)
+    out_size(x.shape, k, s, p)
+    return k, s, p
+
+
+def conv2d_forward(
+    x: Array, w: Array, b: Array | None,
+    stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
+) -> Array:
+    """2-D convolution (cross-correlation) of an NCHW batch.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+    w : array, shape (O, C, kh, kw)
+    b : array, shape (O,) or None
+    stride, padding : int or pair of int
+        ``Ho = (H + 2*ph - kh) // sh + 1`` (floor), likewise ``Wo``.
+
+    Returns
+    -------
+    array, shape (N, O, Ho, Wo), in ``x``'s dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x, w = np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3))
+    >>> conv2d_forward(x, w, None, stride=2, padding=1).shape
+    (1, 3, 3, 3)
+    """
+    xp = get_array_module(x)
+    k, s, p = _check(x, w, stride, padding)
+    cols = im2col(pad_hw(x, p), k, s)  # (N, C, Ho, Wo, kh, kw)
+    y = xp.tensordot(cols, w, axes=([1, 4, 5], [1, 2, 3]))  # (N, Ho, Wo, O)
+    if b is not None:
+        y = y + b
+    y = xp.ascontiguousarray(y.transpose(0, 3, 1, 2))  # (N, O, Ho, Wo)
+    return y.astype(x.dtype, copy=False)
+
+
+def conv2d_backward(
+    x: Array, w: Array, dy: Array,
+    stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
+    need_dx: bool = True,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of :func:`conv2d_forward`.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+    w : array, shape (O, C, kh, kw)
+    dy : array, shape (N, O, Ho, Wo)
+    stride, padding : int or pair of int
+        As in the forward call.
+    need_dx : bool, default True
+        When False, ``dx`` is None (first layer of a network).
+
+    Returns
+    -------
+    dx : array, shape (N, C, H, W) or None
+        Zero on rows/columns no window covers.
+    dw : array, shape (O, C, kh, kw)
+    db : array, shape (O,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x, w = np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3))
+    >>> dx, dw, db = conv2d_backward(x, w, np.ones((1, 3, 2, 2)), stride=2)
+    >>> dx.shape, dw.shape, db.shape
+    ((1, 2, 5, 5), (3, 2, 3, 3), (3,))
+    """
+    xp = get_array_module(x)
+    k, s, p = _check(x, w, stride, padding)
+    xpad = pad_hw(x, p)  # (N, C, H+2ph, W+2pw)
+    cols = im2col(xpad, k, s)  # (N, C, Ho, Wo, kh, kw)
+    if dy.shape[2:] != cols.shape[2:4] or dy.shape[:2] != (x.shape[0], w.shape[0]):
+        raise ShapeError(f"dy has shape {tuple(dy.shape)}; expected "
+                         f"{(x.shape[0], w.shape[0]) + tuple(cols.shape[2:4])}")
+    dw = xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 2, 3])).astype(w.dtype, copy=False)  # (O, C, kh, kw)
+    db = dy.sum(axis=(0, 2, 3))  # (O,)
+    dx = None
+    if need_dx:
+        dcols = xp.tensordot(dy, w, axes=([1], [0]))  # (N, Ho, Wo, C, kh, kw)
+        dcols = dcols.transpose(0, 3, 1, 2, 4, 5)  # (N, C, Ho, Wo, kh, kw)
+        dxpad = col2im(dcols, xpad.shape, s)  # (N, C, H+2ph, W+2pw)
+        dx = dxpad[:, :, p[0] : p[0] + x.shape[2], p[1] : p[1] + x.shape[3]]  # (N, C, H, W)
+        dx = xp.ascontiguousarray(dx).astype(x.dtype, copy=False)
+    return dx, dw, db

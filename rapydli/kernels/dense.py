@@ -1,0 +1,76 @@
+"""Fully connected (dense) layer kernels, PyTorch/ONNX weight layout ``(O, I)``."""
+from __future__ import annotations
+
+from typing import Any
+
+from rapydli.kernels.backend import get_array_module
+
+__all__ = ["dense_backward", "dense_forward"]
+
+Array = Any
+
+
+def dense_forward(x: Array, w: Array, b: Array | None) -> Array:
+    """Affine map ``y = x @ w.T + b``.
+
+    Parameters
+    ----------
+    x : array, shape (N, I)
+        Input batch.
+    w : array, shape (O, I)
+        Weights (PyTorch/ONNX layout).
+    b : array, shape (O,) or None
+        Bias; ``None`` for no bias.
+
+    Returns
+    -------
+    array, shape (N, O)
+        Output, in ``x``'s dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dense_forward(np.ones((2, 3)), np.ones((4, 3)), np.zeros(4)).shape
+    (2, 4)
+    """
+    xp = get_array_module(x)
+    y = xp.matmul(x, w.T)  # (N, O)
+    if b is not None:
+        y = y + b
+    return y.astype(x.dtype, copy=False)
+
+
+def dense_backward(
+    x: Array, w: Array, dy: Array, need_dx: bool = True
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of :func:`dense_forward`.
+
+    Parameters
+    ----------
+    x : array, shape (N, I)
+        Forward input.
+    w : array, shape (O, I)
+        Forward weights.
+    dy : array, shape (N, O)
+        Gradient of the loss with respect to the output.
+    need_dx : bool, default True
+        When False, ``dx`` is not computed and returned as None.
+
+    Returns
+    -------
+    dx : array, shape (N, I) or None
+    dw : array, shape (O, I)
+    db : array, shape (O,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> dx, dw, db = dense_backward(np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 4)))
+    >>> dx.shape, dw.shape, db.shape
+    ((2, 3), (4, 3), (4,))
+    """
+    xp = get_array_module(x)
+    dx = xp.matmul(dy, w).astype(x.dtype, copy=False) if need_dx else None  # (N, I)
+    dw = xp.matmul(dy.T, x).astype(w.dtype, copy=False)  # (O, I)
+    db = dy.sum(axis=0).astype(dy.dtype, copy=False)  # (O,)
+    return dx, dw, db

@@ -1,0 +1,59 @@
+"""Optimiser update kernels (pure: they return new weights and state)."""
+from __future__ import annotations
+
+from typing import Any
+
+from rapydli.errors import ShapeError
+from rapydli.kernels.backend import get_array_module
+
+__all__ = ["sgd_update"]
+
+Array = Any
+
+
+def sgd_update(
+    w: Array, g: Array, v: Array | None, lr: float, momentum: float = 0.0,
+    weight_decay: float = 0.0, nesterov: bool = False,
+) -> tuple[Array, Array | None]:
+    """One SGD step with PyTorch semantics (no dampening).
+
+    ``g2 = g + weight_decay * w``; ``v_new = momentum * v + g2``;
+    ``step = g2 + momentum * v_new`` if ``nesterov`` else ``v_new``;
+    ``w_new = w - lr * step``.
+
+    Parameters
+    ----------
+    w, g : array, same shape
+        Weights and their gradient.
+    v : array or None
+        Momentum buffer; None is read as zeros (first step). May be None when
+        ``momentum == 0``.
+    lr, momentum, weight_decay : float
+    nesterov : bool
+
+    Returns
+    -------
+    w_new : array, in ``w``'s dtype
+    v_new : array or None
+        None when ``momentum == 0``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> w, v = sgd_update(np.array([1.0]), np.array([0.5]), None, lr=0.1, momentum=0.9)
+    >>> w, v
+    (array([0.95]), array([0.5]))
+    """
+    xp = get_array_module(w)
+    if tuple(g.shape) != tuple(w.shape):
+        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
+                         f"{tuple(w.shape)}")
+    g2 = g + weight_decay * w if weight_decay else g
+    if momentum:
+        v_new = g2 if v is None else momentum * v + g2
+        v_new = xp.array(v_new, dtype=w.dtype, copy=True)
+        step = g2 + momentum * v_new if nesterov else v_new
+    else:
+        v_new, step = None, g2
+    w_new = (w - lr * step).astype(w.dtype, copy=False)
+    return w_new, v_new

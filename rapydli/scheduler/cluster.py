@@ -1,0 +1,67 @@
+"""Connecting to Dask: an embedded ``LocalCluster`` (default), a scheduler address, or a batch
+system through dask-jobqueue; and binding a mesh's coordinates to worker addresses."""
+from __future__ import annotations
+
+import logging
+
+from rapydli.errors import ClusterError, PlacementError
+
+
+def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = True):
+    """An embedded ``LocalCluster`` with one single-threaded worker process per mesh worker."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                           processes=processes, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    return Client(cluster)
+
+
+def connect(address: str | None = None, n_workers: int = 1, timeout: float = 10.0):
+    """A ``Client``: to the scheduler at ``address``, or to a new embedded cluster.
+
+    Addresses look like ``tcp://10.0.0.5:8786`` (or ``ucx://...`` where UCX is installed).
+    """
+    from distributed import Client
+
+    if address is None:
+        return local_client(n_workers)
+    if "://" not in address and ":" not in address:
+        raise ClusterError(f"scheduler address {address!r} is not of the form "
+                           "tcp://HOST:PORT; pass --scheduler tcp://host:8786")
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address!r} within {timeout:g}s "
+                           f"({exc}); check that it is running (dask scheduler) and the "
+                           "address and port are right") from None
+
+
+def jobqueue_client(system: str, n_workers: int, **kwargs):
+    """A ``Client`` on Slurm or PBS workers started through dask-jobqueue."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterError("batch systems need dask-jobqueue: pip install 'rapydli[hpc]'") from None
+    from distributed import Client
+
+    classes = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}
+    if system not in classes:
+        raise ClusterError(f"unknown batch system {system!r}; expected one of 'slurm', 'pbs'")
+    cluster = classes[system](processes=1, cores=kwargs.pop("cores", 1),
+                              memory=kwargs.pop("memory", "4GiB"), **kwargs)
+    cluster.scale(n_workers)
+    client = Client(cluster)
+    client.wait_for_workers(n_workers)
+    return client
+
+
+def bind_workers(client, mesh) -> list[str]:
+    """Worker addresses for mesh workers ``0 .. mesh.size-1`` (sorted, so runs are repeatable)."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if mesh.size > len(workers):
+        raise PlacementError(
+            f"placement needs {mesh.size} workers for {mesh!r} but the cluster has "
+            f"{len(workers)}; start more workers or choose a smaller mesh (e.g. --mesh "
+            f"data={max(len(workers), 1)})")
+    return workers[: mesh.size]

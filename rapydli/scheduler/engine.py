@@ -1,0 +1,219 @@
+"""``Engine``: runs step plans of one network and placement, weights resident on workers.
+
+The engine caches one :class:`~rapydli.graph.to_dask.StepPlan` per (batch, mode), binds each
+plan's placeholders to what already lives on the workers (weight and optimizer-state tiles,
+datasets) and submits steps without waiting, so scheduling the next step overlaps computing
+this one. Weights reach the client only when asked for (:meth:`Engine.get_params`).
+
+Without a client the engine runs in-process on Dask's synchronous scheduler: the same plan,
+one worker, which is the reference every placement is compared with.
+"""
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import dask
+import numpy as np
+
+from rapydli.errors import PlacementError
+from rapydli.graph.lower import lower
+from rapydli.graph.ops import pick
+from rapydli.graph.tiles import relative
+from rapydli.graph.to_dask import Bound, Loc, StepPlan
+from rapydli.placement import single
+from rapydli.scheduler.cluster import bind_workers
+
+#: engine phases and the transitions between them
+TRANSITIONS = {"new": {"ready"}, "ready": {"ready", "closed"}, "closed": set()}
+
+
+class Engine:
+    """Runs ``network`` under ``placement`` on ``client`` (``None``: in-process, one worker)."""
+
+    def __init__(self, network, placement=None, optimizer=None, client=None,
+                 dtype="float32", fused: bool = True):
+        self.network = network
+        self.placement = placement or single()
+        self.optimizer = optimizer
+        self.client = client
+        self.dtype = np.dtype(dtype)
+        self.fused = fused
+        if client is None and self.placement.mesh.size > 1:
+            raise PlacementError(f"placement on {self.placement.mesh!r} needs a Dask client "
+                                 "with that many workers; pass client=... or use placement=None")
+        #: worker address of each mesh worker (``None`` in-process)
+        self.workers: list = bind_workers(client, self.placement.mesh) if client else [None]
+        #: step plans by (batch, mode)
+        self.plans: dict[tuple[int, str], StepPlan] = {}
+        #: resident values: placeholder key -> Bound (future or in-process value, path)
+        self.resident: dict[str, Bound] = {}
+        #: what each resident placeholder stands for (``("param", key, region, worker)``...)
+        self.resident_info: dict[str, tuple] = {}
+        #: full parameters and optimizer state the resident tiles are cut from, until sent
+        self._source: dict[str, np.ndarray] = {}
+        #: datasets on workers: (name, what, worker) -> Bound
+        self.data: dict[tuple, Bound] = {}
+        #: lifecycle phase, moved only through TRANSITIONS
+        self.phase = "new"
+        self._steps = itertools.count()
+        self._token = uuid.uuid4().hex[:8]
+
+    def _move(self, phase: str) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"engine cannot go from {self.phase!r} to {phase!r}")
+        self.phase = phase
+
+    # --- plans -------------------------------------------------------------------------------
+
+    def plan(self, batch: int, mode: str) -> StepPlan:
+        """The step plan for ``batch`` samples in ``mode``, built once and cached."""
+        key = (int(batch), mode)
+        if key not in self.plans:
+            graph = lower(self.network, self.placement, int(batch), mode, self.optimizer,
+                          self.dtype)
+            self.plans[key] = StepPlan(graph, fused=self.fused)
+        return self.plans[key]
+
+    # --- state on the workers ------------------------------------------------------------
+
+    def set_params(self, params: dict, opt_state: dict | None = None) -> None:
+        """Use ``params`` (full arrays) and optional optimizer state ``{"slot/param": array}``."""
+        self.network.check_params(params)
+        self.resident.clear()
+        self.resident_info.clear()
+        self._source = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
+        for key, value in (opt_state or {}).items():
+            self._source[f"state/{key}"] = np.asarray(value, dtype=self.dtype)
+        self._move("ready")
+
+    def set_data(self, name: str, x, y=None) -> None:
+        """Place dataset ``name`` on every mesh worker once; steps pick batches by index."""
+        self.network.check_inputs(x, y)
+        x = np.ascontiguousarray(x, dtype=self.dtype)
+        arrays = {"x": x}
+        if y is not None:
+            y = np.asarray(y)
+            arrays["y"] = y.astype(np.int64) if self.network.loss.integer_labels else \
+                np.ascontiguousarray(y, dtype=self.dtype)
+        for what, array in arrays.items():
+            for w, address in enumerate(self.workers):
+                self.data[(name, what, w)] = Bound(self._put(array, address))
+
+    def _put(self, array, address):
+        if self.client is None:
+            return array
+        return self.client.scatter(array, workers=[address], hash=False)
+
+    def _resident(self, key: str, info: tuple) -> Bound:
+        if key not in self.resident:
+            kind, pkey = info[0], info[1]
+            if kind == "param":
+                region, worker = info[2], info[3]
+                full = self._source[pkey]
+            else:
+                slot, region, worker = info[2], info[3], info[4]
+                full = self._source.get(f"state/{slot}/{pkey}")
+                if full is None:
+                    full = np.zeros_like(self._source[pkey])
+            tile = np.ascontiguousarray(full[relative(region, ((0, n) for n in full.shape))])
+            self.resident[key] = Bound(self._put(tile, self.workers[worker]))
+            self.resident_info[key] = info
+        return self.resident[key]
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def run(self, mode: str, index, data: str = "train") -> dict:
+        """Submit one step on the batch ``index`` of dataset ``data``; returns its outputs.
+
+        ``mode="train"`` also makes the updated weights resident for the next step. The
+        returned dict maps output roles to futures (values in-process).
+        """
+        if self.phase != "ready":
+            raise RuntimeError("set_params(...) before running steps")
+        index = np.asarray(index, dtype=np.int64)
+        plan = self.plan(len(index), mode)
+        bindings = {}
+        for key, info in plan.placeholders.items():
+            if info[0] == "index":
+                bindings[key] = Bound(index)
+            elif info[0] == "data":
+                bindings[key] = self.data[(data, info[1], info[2])]
+            else:
+                bindings[key] = self._resident(key, info)
+        step = f"{self._token}-{next(self._steps)}"
+        graph = plan.instantiate(step, bindings, self.workers)
+        wanted = sorted({loc.task for loc in _leaves(plan.outputs)})
+        values = dict(zip(wanted, self._compute(graph, [(t, step) for t in wanted])))
+        outputs = _resolve(plan.outputs, values)
+        if mode == "train":
+            for key, bound in outputs.pop("new_values").items():
+                self.resident[key] = bound
+        return outputs
+
+    def _compute(self, graph, keys):
+        if self.client is None:
+            return dask.get(dict(graph), keys, scheduler="sync")
+        return self.client.get(graph, keys, sync=False)
+
+    def value(self, bound: Bound):
+        """The value a :class:`Bound` points at, brought to the client."""
+        if self.client is None:
+            return pick(bound.value, bound.path)
+        if not bound.path:
+            return bound.value.result()
+        return self.client.submit(pick, bound.value, bound.path, pure=False).result()
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Full parameters assembled on the client from one replica of each weight tile."""
+        return self._assemble("param")
+
+    def get_opt_state(self) -> dict[str, np.ndarray]:
+        """Optimizer state as ``{"slot/param": array}``."""
+        return self._assemble("state")
+
+    def _assemble(self, kind: str) -> dict[str, np.ndarray]:
+        shapes = self.network.param_shapes()
+        out: dict[str, np.ndarray] = {}
+        done = set()
+        for key in sorted(self.resident):
+            info = self.resident_info[key]
+            if info[0] != kind:
+                continue
+            name = info[1] if kind == "param" else f"{info[2]}/{info[1]}"
+            region = info[2] if kind == "param" else info[3]
+            if (name, region) in done:
+                continue
+            done.add((name, region))
+            full = out.setdefault(name, np.zeros(shapes[info[1]], self.dtype))
+            full[relative(region, ((0, n) for n in full.shape))] = self.value(self.resident[key])
+        if kind == "param":
+            for name in shapes:
+                out.setdefault(name, self._source[name].copy())
+        return out
+
+    def close(self) -> None:
+        self.resident.clear()
+        self.data.clear()
+        self._move("closed")
+
+
+def _leaves(outputs):
+    """Every :class:`Loc` inside nested plan outputs."""
+    if isinstance(outputs, Loc):
+        yield outputs
+    elif isinstance(outputs, dict):
+        yield from itertools.chain.from_iterable(_leaves(v) for v in outputs.values())
+    elif isinstance(outputs, (list, tuple)):
+        yield from itertools.chain.from_iterable(_leaves(v) for v in outputs)
+
+
+def _resolve(outputs, values):
+    """Plan outputs with each :class:`Loc` replaced by a :class:`Bound` on its value."""
+    if isinstance(outputs, Loc):
+        return Bound(values[outputs.task], outputs.path)
+    if isinstance(outputs, dict):
+        return {k: _resolve(v, values) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_resolve(v, values) for v in outputs)
+    return outputs
