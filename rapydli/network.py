@@ -4,7 +4,7 @@
 >>> net = Sequential([Conv2D(4, 3, padding=1, activation="relu"), MaxPool2D(2), Flatten(),
 ...                   Dense(10)], input_shape=(1, 8, 8))
 >>> net.output_shape, net.n_params
-((10,), 680)
+((10,), 690)
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class Sequential:
             ) from None
         self.layers: tuple[Layer, ...] = tuple(named)
         self.loss: Loss = as_loss(loss)
-        self.shapes  # validates every layer's input shape now, on the client
+        _ = self.shapes  # validates every layer's input shape now, on the client
 
     @cached_property
     def shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -17,7 +17,7 @@ A tensor tile that is not cut along some mesh axis lives on the worker at coordi
 >>> p.mesh
 Mesh(data=1, model=2)
 >>> from rapydli.layers import Dense
->>> p.tiling_for(Dense(10, name="3"), 1)
+>>> p.tiling_for(Dense(10, name="3"), 2)
 Tiling(batch=('data',), features=('model',))
 """
 from __future__ import annotations

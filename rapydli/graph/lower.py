@@ -6,11 +6,11 @@ brings together (gather, halo exchange). Backward mirrors forward, pieces summed
 are resident on every worker that computes with them; their partial gradients are
 tree-reduced and each replica applies the same update, so replicas never diverge.
 
->>> from rapydli import Sequential, Dense, data_parallel
+>>> from rapydli import SGD, Sequential, Dense, data_parallel
 >>> net = Sequential([Dense(4, activation="relu"), Dense(3)], input_shape=(5,))
->>> g = lower(net, data_parallel(2), batch=8)
->>> g.count("forward"), g.count("backward"), g.count("update")
-(4, 4, 8)
+>>> g = lower(net, data_parallel(2), batch=8, optimizer=SGD())
+>>> g.count("forward"), g.count("backward"), g.count("update")  # 2 layers + loss, x 2 tiles
+(6, 4, 8)
 """
 from __future__ import annotations
 
