@@ -66,7 +66,7 @@ def test_example_sections():
     cfg = load_config(str(EXAMPLE))
     assert cfg.data == DataConfig("digits", 0.2, 0, None)
     assert cfg.optimizer.build() == SGD(lr=0.05, momentum=0.9, weight_decay=0.0001)
-    assert cfg.train == TrainConfig(epochs=20, batch_size=64, seed=0)
+    assert cfg.train == TrainConfig(epochs=16, batch_size=96, seed=0)
     placement = cfg.placement.build()
     assert placement.mesh == Mesh(data=1, model=2)
     assert placement.rule == "hybrid"
