@@ -13,6 +13,7 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
 
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                            processes=processes, dashboard_address=None,
+                           scheduler_kwargs={"dashboard_address": ":0"},  # a free port
                            silence_logs=logging.ERROR)
     return Client(cluster)
 
