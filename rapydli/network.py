@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from rapydli.errors import ConfigError, ShapeError
+from rapydli.errors import ConfigError, DataError, ShapeError
 from rapydli.layers import Layer
 from rapydli.losses import Loss, as_loss
 
@@ -106,13 +106,15 @@ class Sequential:
                 f"x: expected shape (batch, {', '.join(map(str, self.input_shape))}); received "
                 f"{tuple(np.shape(x))}. Reshape the data or set network.input_shape to match."
             )
+        if len(x) == 0:
+            raise ShapeError("x: expected at least one sample; received an empty batch")
         if y is not None and len(y) != len(x):
             raise ShapeError(f"y: expected {len(x)} labels (one per sample); received {len(y)}")
         if y is not None and self.loss.integer_labels:
             k = self.output_shape[0]
             y = np.asarray(y)
             if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k:
-                raise ShapeError(f"y: expected integer class labels in [0, {k}) for "
+                raise DataError(f"y: expected integer class labels in [0, {k}) for "
                                  f"softmax_cross_entropy; received dtype {y.dtype}, "
                                  f"shape {y.shape}, range [{y.min()}, {y.max()}]")
 

@@ -187,6 +187,15 @@ class Placement:
         tiling.validate(layer, rank, self.mesh)
         return tiling
 
+    def check_layers(self, names: list[str]) -> None:
+        """Raise :class:`PlacementError` if an override names a layer not in ``names``."""
+        unknown = [name for name, _ in self.overrides if name not in names]
+        if unknown:
+            raise PlacementError(
+                f"placement.layers: no layer named {unknown[0]!r} in the network; expected one "
+                f"of {', '.join(map(repr, names))} (layers are named by position unless given "
+                "a name)")
+
     def with_tiling(self, layer_name: str, tiling: Tiling) -> Placement:
         """A copy where layer ``layer_name`` uses ``tiling``."""
         overrides = dict(self.overrides)

@@ -2,8 +2,9 @@
 
 Every op gets a *stage*: the largest number of worker changes on any path into it. Ops of one
 worker and one stage become one coarse task; ``send`` and ``output`` ops stay tasks of their
-own, so only their exact bytes travel. An edge between two coarse tasks always climbs a stage
-(or leaves a send), so the coarse graph stays acyclic; a step becomes a few large tasks.
+own (the sends from one coarse task to another travel together as one), so only their exact
+bytes travel. An edge between two coarse tasks always climbs a stage (or leaves a send), so the
+coarse graph stays acyclic; a step becomes a few large tasks.
 """
 from __future__ import annotations
 
@@ -39,13 +40,27 @@ def fuse(graph, enabled: bool = True) -> list[tuple[str, int | None, list[str]]]
     if not enabled:
         return [(key, graph.op(key).worker, [key]) for key in order]
     stage = stages(graph)
-    groups: dict[tuple, list[str]] = {}
+    gid = {}
     for key in order:
         op = graph.op(key)
-        gid = ("solo", key) if op.kind in SOLO or op.worker is None else (op.worker, stage[key])
-        groups.setdefault(gid, []).append(key)
+        gid[key] = ("solo", key) if op.kind in SOLO or op.worker is None else (op.worker,
+                                                                                 stage[key])
+    for key in order:  # sends between the same two groups travel as one task
+        if graph.op(key).kind == "send":
+            sources = {gid[p] for p in graph.predecessors(key) if p in gid}
+            targets = {gid[s] for s in graph.successors(key)}
+            if len(sources) == 1 and len(targets) == 1:
+                gid[key] = ("send", *sources, *targets)
+    groups: dict[tuple, list[str]] = {}
+    for key in order:
+        groups.setdefault(gid[key], []).append(key)
     result = []
-    for gid, keys in groups.items():
-        name = keys[0] if gid[0] == "solo" else f"w{gid[0]}/s{gid[1]}"
+    for g, keys in groups.items():
+        if g[0] == "solo" or (g[0] == "send" and len(keys) == 1):
+            name = keys[0]
+        elif g[0] == "send":
+            name = f"{keys[0]}+{len(keys) - 1}"
+        else:
+            name = f"w{g[0]}/s{g[1]}"
         result.append((name, graph.op(keys[0]).worker, keys))
     return result

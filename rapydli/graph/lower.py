@@ -298,9 +298,9 @@ def lower(network, placement, batch: int, mode: str = "train", optimizer=None,
         raise ShapeError(f"batch: expected a positive int; received {batch!r}")
     if mode == "train" and optimizer is None:
         raise ValueError("mode='train' needs an optimizer")
-    graph = _Lowering(network, placement or single(), int(batch), mode, optimizer,
-                      np.dtype(dtype)).run()
-    return graph
+    placement = placement or single()
+    placement.check_layers([layer.name for layer in network.layers])
+    return _Lowering(network, placement, int(batch), mode, optimizer, np.dtype(dtype)).run()
 
 
 def op_counts(graph: TileGraph) -> Counter:
