@@ -389,15 +389,15 @@ class Activation(Layer):
         return activation_backward(self.kind, y, dy), {}
 
 
-def ReLU(**kw) -> Activation:  # noqa: N802 - reads like a layer class
+def ReLU(**kw) -> Activation:
     return Activation("relu", **kw)
 
 
-def Sigmoid(**kw) -> Activation:  # noqa: N802
+def Sigmoid(**kw) -> Activation:
     return Activation("sigmoid", **kw)
 
 
-def Tanh(**kw) -> Activation:  # noqa: N802
+def Tanh(**kw) -> Activation:
     return Activation("tanh", **kw)
 
 

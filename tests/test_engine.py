@@ -67,7 +67,7 @@ def test_predict_and_evaluate_agree_across_placements(client, problem):
 
 
 def test_engine_phases_are_enforced(problem):
-    net, x, y = problem
+    net = problem[0]
     engine = Engine(net)
     with pytest.raises(RuntimeError, match="set_params"):
         engine.run("grad", np.arange(4))

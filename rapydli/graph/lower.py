@@ -137,7 +137,7 @@ class _Lowering:
         layers_tiles, sources = [], []
         mesh = self.placement.mesh
         for i, (layer, (in_s, out_s)) in enumerate(zip(self.network.layers, self.network.shapes)):
-            in_full, out_full = (self.batch, *in_s), (self.batch, *out_s)
+            out_full = (self.batch, *out_s)
             tiling = self.placement.tiling_for(layer, len(out_full))
             cuts = [tiling[axis] for axis in AXES[len(out_full)]]
             self.register_replicas(layer, in_s, out_s, cuts)

@@ -7,7 +7,8 @@ starting with ``$`` that the engine binds per step (data, batch indices, residen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
