@@ -89,3 +89,23 @@ def test_main_job_reaches_97_percent(tmp_path):
     assert main(["train", "examples/digits_cnn.yaml", "--out", str(out), "--no-progress"]) == 0
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_accuracy"] >= 0.97
+
+
+def test_train_on_an_existing_scheduler(tiny_config, tmp_path, monkeypatch):
+    """``--scheduler ADDR`` uses a running cluster instead of starting one."""
+    from distributed import LocalCluster
+
+    import rapydli.scheduler.cluster as cluster_mod
+
+    def no_local_cluster(*args, **kwargs):
+        raise AssertionError("started an embedded cluster although --scheduler was given")
+
+    monkeypatch.setattr(cluster_mod, "local_client", no_local_cluster)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                      protocol="tcp") as cluster:
+        out = tmp_path / "run"
+        assert main(["train", str(tiny_config), "--scheduler", cluster.scheduler_address,
+                     "--out", str(out), "--no-progress", "--epochs", "1"]) == 0
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
