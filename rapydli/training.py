@@ -101,13 +101,15 @@ def _evaluate_engine(engine: Engine, name: str, n: int, batch_size: int) -> tupl
 def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, params=None, opt_state=None,
         validation_data=None, client=None, dtype="float32", progress: bool = False,
-        on_epoch=None, fused: bool = True) -> History:
+        on_epoch=None, fused: bool = True, steps_per_task: int = 1) -> History:
     """Train ``network`` on ``(x, y)``; returns a :class:`History` with the final params.
 
     Steps are submitted ahead (up to ``MAX_IN_FLIGHT``) while earlier ones compute; the
     weights stay on the workers until the end. ``on_epoch(row)`` is called after each epoch
     with a dict of ``epoch``, ``loss``, ``train_accuracy``, ``test_accuracy`` (when
     ``validation_data`` is given), ``samples_per_s`` and ``seconds``.
+    ``steps_per_task > 1`` unrolls that many steps into one graph (see
+    :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers.
     """
     optimizer = optimizer or SGD()
     rng = np.random.default_rng(seed)
@@ -122,7 +124,7 @@ def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
         bar = _progress(progress, epochs * -(-len(x) // batch_size))
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
-            loss, correct = _train_epoch(engine, len(x), batch_size, rng, bar)
+            loss, correct = _train_epoch(engine, len(x), batch_size, rng, bar, steps_per_task)
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, "loss": loss / len(x), "train_accuracy": correct / len(x),
                    "samples_per_s": len(x) / seconds, "seconds": seconds}
@@ -142,23 +144,37 @@ def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
     return history
 
 
-def _train_epoch(engine: Engine, n: int, batch_size: int, rng, bar) -> tuple[float, int]:
+def _chunks(batches: list[np.ndarray], k: int) -> list[list[np.ndarray]]:
+    """Runs of up to ``k`` consecutive batches of equal size (one unrolled graph each)."""
+    chunks: list[list[np.ndarray]] = []
+    for index in batches:
+        if chunks and len(chunks[-1]) < k and len(chunks[-1][0]) == len(index):
+            chunks[-1].append(index)
+        else:
+            chunks.append([index])
+    return chunks
+
+
+def _train_epoch(engine: Engine, n: int, batch_size: int, rng, bar,
+                 steps_per_task: int = 1) -> tuple[float, int]:
     """One pass over the data; returns summed (loss * batch) and correct predictions."""
     pending: list = []
     loss_sum, correct = 0.0, 0
 
     def collect():
         nonlocal loss_sum, correct
-        bound, size = pending.pop(0)
-        loss, n_correct = engine.value(bound)
-        loss_sum += loss * size
-        correct += n_correct
+        bound, chunk = pending.pop(0)
+        values = engine.value(bound)
+        for (loss, n_correct), index in zip(values if len(chunk) > 1 else [values], chunk):
+            loss_sum += loss * len(index)
+            correct += n_correct
         if bar is not None:
-            bar.update(1)
+            bar.update(len(chunk))
 
-    for index in _epoch_batches(n, batch_size, rng):
-        pending.append((engine.run("train", index, "train")["metrics"], len(index)))
-        if len(pending) > MAX_IN_FLIGHT:
+    for chunk in _chunks(_epoch_batches(n, batch_size, rng), steps_per_task):
+        pending.append((engine.run("train", chunk if len(chunk) > 1 else chunk[0],
+                                   "train")["metrics"], chunk))
+        if len(pending) > max(1, MAX_IN_FLIGHT // steps_per_task):
             collect()
     while pending:
         collect()

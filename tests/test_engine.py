@@ -75,3 +75,28 @@ def test_engine_phases_are_enforced(problem):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.set_params(net.init(0))
+
+
+@pytest.mark.parametrize("placement", [None, rd.hybrid(1, 2), rd.data_parallel(3)],
+                         ids=["single", "hybrid12", "dp3"])
+def test_unrolled_steps_equal_separate_steps(client, problem, placement):
+    """``steps_per_task=k`` runs k steps as one graph; the numbers do not change."""
+    net, x, y = problem
+    kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=2, batch_size=20, seed=2,
+                  placement=placement, client=client if placement else None)
+    one = rd.fit(net, x, y, **kwargs)
+    three = rd.fit(net, x, y, steps_per_task=3, **kwargs)
+    assert one["loss"] == three["loss"] and one["train_accuracy"] == three["train_accuracy"]
+    for key, value in one.params.items():
+        np.testing.assert_array_equal(three.params[key], value)
+    for key, value in one.opt_state.items():
+        np.testing.assert_array_equal(three.opt_state[key], value)
+
+
+def test_unrolled_plan_is_one_task_on_one_worker(problem):
+    net = problem[0]
+    engine = Engine(net, None, rd.SGD(lr=0.1))
+    plan = engine.plan(16, "train", steps=4)
+    compute = [t for t in plan.tasks.values() if t.worker is not None and
+               not all(plan.graph.op(k).kind == "send" for k in t.ops)]
+    assert len(compute) == 1 and len(compute[0].ops) > 4 * len(net.layers)

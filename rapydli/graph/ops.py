@@ -119,6 +119,11 @@ def metrics_task(*values):
     return float(sum(v[0] for v in values)), int(sum(v[1] for v in values))
 
 
+def steps_metrics_task(*values, per_step: int):
+    """Per-step ``(loss, n_correct)`` of an unrolled graph, ``per_step`` tiles a step."""
+    return [metrics_task(*values[i:i + per_step]) for i in range(0, len(values), per_step)]
+
+
 def scalars_task(value):
     """The ``(loss, n_correct)`` of a loss tile's output, without its gradient."""
     return value[0], value[2]

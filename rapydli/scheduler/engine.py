@@ -21,6 +21,7 @@ from rapydli.graph.lower import lower
 from rapydli.graph.ops import pick
 from rapydli.graph.tiles import relative
 from rapydli.graph.to_dask import Bound, Loc, StepPlan
+from rapydli.graph.unroll import unroll
 from rapydli.placement import single
 from rapydli.scheduler.cluster import bind_workers
 
@@ -66,12 +67,14 @@ class Engine:
 
     # --- plans -------------------------------------------------------------------------------
 
-    def plan(self, batch: int, mode: str) -> StepPlan:
-        """The step plan for ``batch`` samples in ``mode``, built once and cached."""
-        key = (int(batch), mode)
+    def plan(self, batch: int, mode: str, steps: int = 1) -> StepPlan:
+        """The plan for ``steps`` steps of ``batch`` samples in ``mode``, built once and cached."""
+        key = (int(batch), mode, int(steps))
         if key not in self.plans:
             graph = lower(self.network, self.placement, int(batch), mode, self.optimizer,
                           self.dtype)
+            if steps > 1:
+                graph = unroll(graph, steps)
             self.plans[key] = StepPlan(graph, fused=self.fused)
         return self.plans[key]
 
@@ -126,17 +129,20 @@ class Engine:
     def run(self, mode: str, index, data: str = "train") -> dict:
         """Submit one step on the batch ``index`` of dataset ``data``; returns its outputs.
 
+        ``index`` may be a list of equally long batches: they run as consecutive training
+        steps in one unrolled graph, and ``metrics`` holds one ``(loss, n_correct)`` per step.
         ``mode="train"`` also makes the updated weights resident for the next step. The
         returned dict maps output roles to futures (values in-process).
         """
         if self.phase != "ready":
             raise RuntimeError("set_params(...) before running steps")
-        index = np.asarray(index, dtype=np.int64)
-        plan = self.plan(len(index), mode)
+        batches = [np.asarray(i, dtype=np.int64) for i in index] if isinstance(index, list) \
+            else [np.asarray(index, dtype=np.int64)]
+        plan = self.plan(len(batches[0]), mode, len(batches))
         bindings = {}
         for key, info in plan.placeholders.items():
             if info[0] == "index":
-                bindings[key] = Bound(index)
+                bindings[key] = Bound(batches[info[1] if len(info) > 1 else 0])
             elif info[0] == "data":
                 bindings[key] = self.data[(data, info[1], info[2])]
             else:
