@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable
 
-import numpy as np
 
+from rapydli.kernels.backend import get_array_module
 from rapydli.graph.tiles import Region, intersect, relative, shape_of
 
 #: phases an op belongs to
@@ -68,11 +68,11 @@ def load_region(data, index, *, region: Region, dtype):
     rows = data[index[b0:b1]]  # (n, *sample shape)
     held = ((b0, b1), *((0, n) for n in rows.shape[1:]))
     piece = intersect(region, held)
-    out = assemble(region, [(piece, rows, held)] if piece else [], dtype)
-    return np.asarray(out, dtype=dtype)
+    out = assemble(region, [(piece, rows, held)] if piece else [], dtype, like=rows)
+    return out.astype(dtype, copy=False)
 
 
-def assemble(region: Region, pieces, dtype, add: bool = False):
+def assemble(region: Region, pieces, dtype, add: bool = False, like=None):
     """An array for ``region`` built from ``(piece region, value, value region)`` triples.
 
     ``value region`` is the region ``value`` holds (``None``: exactly the piece). Cells no piece
@@ -82,7 +82,8 @@ def assemble(region: Region, pieces, dtype, add: bool = False):
         piece_region, value, held = pieces[0]
         if piece_region == region and (held is None or held == region):
             return value
-    out = np.zeros(shape_of(region), dtype=dtype)
+    xp = get_array_module(pieces[0][1] if pieces else like)  # NumPy or CuPy, as the data is
+    out = xp.zeros(shape_of(region), dtype=dtype)
     for piece_region, value, held in pieces:
         if held is not None:
             value = value[relative(piece_region, held)]
@@ -100,7 +101,7 @@ def assemble_task(*values, region, piece_regions, held_regions, dtype, add=False
 
 def slice_task(value, *, piece: Region, held: Region):
     """The part ``piece`` of a value that holds ``held``: what one worker sends another."""
-    return np.ascontiguousarray(value[relative(piece, held)])
+    return get_array_module(value).ascontiguousarray(value[relative(piece, held)])
 
 
 def identity_task(value):

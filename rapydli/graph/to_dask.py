@@ -38,6 +38,8 @@ class Loc:
 
     task: str
     path: tuple
+    #: the task outputs nothing else, so fetching all of it moves no extra bytes
+    alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Bound:
 
     value: object
     path: tuple = ()
+    #: the value is all its task holds (cheap to fetch whole)
+    alone: bool = False
 
 
 def run_task(program, keep, prefixes, *values):
@@ -85,7 +89,8 @@ class StepPlan:
 
     def locate(self, ref: Ref) -> Loc:
         """The task and the path into its output that hold the value of ``ref``."""
-        return Loc(self.task_of[ref.key], (ref.key, *ref.pick))
+        name = self.task_of[ref.key]
+        return Loc(name, (ref.key, *ref.pick), self.tasks[name].keep == (ref.key,))
 
     @staticmethod
     def _wanted_keys(outputs) -> set[str]:

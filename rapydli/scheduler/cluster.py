@@ -18,14 +18,44 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
     return Client(cluster)
 
 
-def connect(address: str | None = None, n_workers: int = 1, timeout: float = 10.0):
-    """A ``Client``: to the scheduler at ``address``, or to a new embedded cluster.
+def cuda_client(n_workers: int):
+    """One worker per GPU through dask-cuda's ``LocalCUDACluster``; each worker gets the Dask
+    resource ``GPU`` so the engine computes there with CuPy."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        raise ClusterError("--cluster local-cuda needs dask-cuda and CuPy: "
+                           "pip install 'rapydli[gpu]'") from None
+    from distributed import Client
+
+    cluster = LocalCUDACluster(n_workers=n_workers, threads_per_worker=1,
+                               resources={"GPU": 1}, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    return Client(cluster)
+
+
+#: embedded cluster kinds for ``connect(cluster=...)`` / ``--cluster``
+CLUSTERS = ("local", "local-cuda", "slurm", "pbs")
+
+
+def connect(address: str | None = None, n_workers: int = 1, timeout: float = 10.0,
+            cluster: str = "local"):
+    """A ``Client``: to the scheduler at ``address``, or to a new cluster of kind ``cluster``.
 
     Addresses look like ``tcp://10.0.0.5:8786`` (or ``ucx://...`` where UCX is installed).
+    ``cluster`` is ``local`` (worker processes here), ``local-cuda`` (one worker per GPU),
+    ``slurm`` or ``pbs`` (workers submitted as batch jobs through dask-jobqueue).
     """
     from distributed import Client
 
+    if cluster not in CLUSTERS:
+        raise ClusterError(f"--cluster: unknown kind {cluster!r}; expected one of "
+                           f"{', '.join(map(repr, CLUSTERS))}")
     if address is None:
+        if cluster == "local-cuda":
+            return cuda_client(n_workers)
+        if cluster in ("slurm", "pbs"):
+            return jobqueue_client(cluster, n_workers)
         return local_client(n_workers)
     if "://" not in address and ":" not in address:
         raise ClusterError(f"scheduler address {address!r} is not of the form "

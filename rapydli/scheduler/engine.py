@@ -33,7 +33,7 @@ class Engine:
     """Runs ``network`` under ``placement`` on ``client`` (``None``: in-process, one worker)."""
 
     def __init__(self, network, placement=None, optimizer=None, client=None,
-                 dtype="float32", fused: bool = True):
+                 dtype="float32", fused: bool = True, device: str = "auto"):
         self.network = network
         self.placement = placement or single()
         self.optimizer = optimizer
@@ -45,6 +45,8 @@ class Engine:
                                  "with that many workers; pass client=... or use placement=None")
         #: worker address of each mesh worker (``None`` in-process)
         self.workers: list = bind_workers(client, self.placement.mesh) if client else [None]
+        #: per mesh worker: does it compute on a GPU (CuPy arrays)?
+        self.on_gpu: list[bool] = [_wants_gpu(device, client, w) for w in self.workers]
         #: step plans by (batch, mode)
         self.plans: dict[tuple[int, str], StepPlan] = {}
         #: resident values: placeholder key -> Bound (future or in-process value, path)
@@ -104,9 +106,13 @@ class Engine:
                 self.data[(name, what, w)] = Bound(self._put(array, address))
 
     def _put(self, array, address):
+        gpu = self.on_gpu[self.workers.index(address)]
         if self.client is None:
-            return array
-        return self.client.scatter(array, workers=[address], hash=False)
+            return to_device(array) if gpu else array
+        future = self.client.scatter(array, workers=[address], hash=False)
+        if gpu:  # copied to the device on the worker itself, never through the client
+            future = self.client.submit(to_device, future, workers=[address], pure=False)
+        return future
 
     def _resident(self, key: str, info: tuple) -> Bound:
         if key not in self.resident:
@@ -165,10 +171,10 @@ class Engine:
     def value(self, bound: Bound):
         """The value a :class:`Bound` points at, brought to the client."""
         if self.client is None:
-            return pick(bound.value, bound.path)
-        if not bound.path:
-            return bound.value.result()
-        return self.client.submit(pick, bound.value, bound.path, pure=False).result()
+            return to_host(pick(bound.value, bound.path))
+        if bound.alone:  # nothing else in that task's output: fetch it whole, no extra task
+            return to_host(pick(bound.value.result(), bound.path))
+        return self.client.submit(_fetch, bound.value, bound.path, pure=False).result()
 
     def get_params(self) -> dict[str, np.ndarray]:
         """Full parameters assembled on the client from one replica of each weight tile."""
@@ -204,6 +210,36 @@ class Engine:
         self._move("closed")
 
 
+def to_device(array):
+    """A CuPy copy of ``array`` on this process's current GPU."""
+    import cupy
+
+    return cupy.asarray(array)
+
+
+def to_host(value):
+    """NumPy arrays for CuPy arrays (inside tuples and lists too); anything else unchanged."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    return value.get() if type(value).__module__.split(".")[0] == "cupy" else value
+
+
+def _fetch(value, path):
+    return to_host(pick(value, path))
+
+
+def _wants_gpu(device: str, client, address) -> bool:
+    """Whether a worker computes on its GPU: asked for, or it has the Dask resource ``GPU``."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'gpu'; received {device!r}")
+    if device != "auto":
+        return device == "gpu"
+    if client is None:
+        return False
+    info = client.scheduler_info(n_workers=-1)["workers"].get(address, {})
+    return info.get("resources", {}).get("GPU", 0) > 0
+
+
 def _leaves(outputs):
     """Every :class:`Loc` inside nested plan outputs."""
     if isinstance(outputs, Loc):
@@ -217,7 +253,7 @@ def _leaves(outputs):
 def _resolve(outputs, values):
     """Plan outputs with each :class:`Loc` replaced by a :class:`Bound` on its value."""
     if isinstance(outputs, Loc):
-        return Bound(values[outputs.task], outputs.path)
+        return Bound(values[outputs.task], outputs.path, outputs.alone)
     if isinstance(outputs, dict):
         return {k: _resolve(v, values) for k, v in outputs.items()}
     if isinstance(outputs, (list, tuple)):

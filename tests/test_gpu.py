@@ -1,0 +1,58 @@
+"""The GPU path: CuPy arrays on workers that have the Dask resource ``GPU``.
+
+The numerical tests need CuPy and a CUDA device and skip cleanly without them; the plumbing
+(which worker counts as a GPU worker) is tested everywhere.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import rapydli as rd
+from rapydli.kernels import available_backends
+from rapydli.scheduler.engine import Engine, _wants_gpu, to_host
+
+needs_gpu = pytest.mark.skipif("cupy" not in available_backends(),
+                               reason="needs CuPy and a CUDA device")
+
+
+def test_workers_with_the_gpu_resource_compute_on_it():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        (address,) = client.scheduler_info()["workers"]
+        assert _wants_gpu("auto", client, address)
+        assert not _wants_gpu("cpu", client, address)
+    assert not _wants_gpu("auto", None, None) and _wants_gpu("gpu", None, None)
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'gpu'"):
+        _wants_gpu("tpu", None, None)
+
+
+def test_to_host_leaves_numpy_alone():
+    value = (np.ones(2), [np.zeros(1)], 3.0)
+    out = to_host(value)
+    assert out[0] is value[0] and out[1][0] is value[1][0] and out[2] == 3.0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("placement", [None, rd.hybrid(1, 1)])
+def test_gpu_step_equals_cpu_step(placement):
+    net = rd.Sequential([rd.Conv2D(4, 3, padding=1, activation="relu"), rd.MaxPool2D(2),
+                         rd.Flatten(), rd.Dense(10)], input_shape=(1, 8, 8))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 1, 8, 8)).astype("float32")
+    y = rng.integers(0, 10, 6)
+    results = []
+    for device in ("cpu", "gpu"):
+        engine = Engine(net, placement, None, None, "float32", device=device)
+        engine.set_params(net.init(0))
+        engine.set_data("b", x, y)
+        out = engine.run("grad", np.arange(6), "b")
+        results.append({k: engine.value(t[0][1]) for k, t in out["grads"].items()})
+    for key, value in results[0].items():
+        np.testing.assert_allclose(results[1][key], value, rtol=1e-4, atol=1e-5)
