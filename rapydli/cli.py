@@ -7,6 +7,9 @@
 ``rapydli plan CONFIG.yaml [--mesh data=2,model=2] [--batch N] [--draw FILE.png]``
     prints the step graph's task count, communication ops and bytes moved between each pair
     of workers, and draws the graph.
+``rapydli tune CONFIG.yaml [--batch N] [--cache FILE] [--exclude param=value ...]``
+    times each kernel's instantiations at the network's tile shapes and caches the fastest;
+    training then uses the cache.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def cmd_train(args) -> int:
     print(network.summary())
     print(f"placement: {config.placement.preset} on {placement.mesh!r}; data: {config.data.name} "
           f"({len(data.x_train)} train / {len(data.x_test)} test); run directory: {out}")
-    client = connect(args.scheduler, n_workers=placement.mesh.size)
+    client = connect(args.scheduler, n_workers=placement.mesh.size, cluster=args.cluster)
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
     started = time.perf_counter()
@@ -61,9 +64,9 @@ def cmd_train(args) -> int:
                       batch_size=config.train.batch_size, seed=config.train.seed,
                       validation_data=(data.x_test, data.y_test), client=client,
                       dtype=config.train.dtype, progress=not args.no_progress,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, steps_per_task=args.steps_per_task)
     finally:
-        if args.scheduler is None:
+        if args.scheduler is None and hasattr(client, "cluster"):
             cluster = client.cluster
             client.close()
             cluster.close()
@@ -119,6 +122,37 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """``rapydli tune CONFIG.yaml``: autotune the network's kernels and write the cache."""
+    from rapydli.config import load_config
+    from rapydli.errors import ConfigError
+    from rapydli.kernels.autotune import Cache
+    from rapydli.tune import format_table, tune_network
+
+    soft: dict = {}
+    for item in args.exclude or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"--exclude: expected param=value (e.g. chunk=16); received {item!r}")
+        for kind in (int, float, str):
+            try:
+                soft.setdefault(name, []).append(kind(value))
+                break
+            except ValueError:
+                continue
+    config = load_config(args.config)
+    network, placement = config.network.build(), config.placement.build()
+    cache = Cache(args.cache)  # None: $RAPYDLI_AUTOTUNE_CACHE or ~/.cache/rapydli/autotune.json
+    batch = args.batch or config.train.batch_size
+    print(f"tuning {args.config} at batch {batch} ({config.train.dtype}, tiles of placement "
+          f"{config.placement.preset} on {placement.mesh!r}); cache {cache.path}")
+    rows = tune_network(network, batch, config.train.dtype, cache=cache, soft=soft or None,
+                        repeats=args.repeats, placement=placement)
+    print(format_table(rows))
+    print(f"wrote {len(rows)} choices to {cache.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapydli", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     train.add_argument("--scheduler", help="address of a running Dask scheduler, tcp://host:8786")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
+    train.add_argument("--cluster", default="local", choices=("local", "local-cuda", "slurm", "pbs"),
+                       help="kind of cluster to start when no --scheduler is given: worker "
+                            "processes here (local), one per GPU (local-cuda, needs dask-cuda), "
+                            "or batch jobs (slurm, pbs; needs dask-jobqueue)")
+    train.add_argument("--steps-per-task", type=int, default=1,
+                       help="unroll this many training steps into one task graph")
     train.add_argument("--mesh", help="override the placement mesh, e.g. data=2,model=2")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--mode", default="train", choices=("train", "grad", "eval", "predict"))
     plan.add_argument("--draw", metavar="FILE.png", help="draw the graph to this file")
     plan.set_defaults(func=cmd_plan)
+    tune = sub.add_parser("tune", help="autotune the kernels of the network a config describes")
+    tune.add_argument("config")
+    tune.add_argument("--batch", type=int, help="batch size (default: train.batch_size)")
+    tune.add_argument("--cache", metavar="FILE", help="cache file (default: $RAPYDLI_AUTOTUNE_CACHE "
+                      "or ~/.cache/rapydli/autotune.json)")
+    tune.add_argument("--exclude", nargs="*", metavar="PARAM=VALUE", action="extend",
+                      help="exclude these choices, e.g. --exclude chunk=16 algorithm=einsum")
+    tune.add_argument("--repeats", type=int, default=5, help="timed calls per candidate (median)")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

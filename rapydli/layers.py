@@ -22,16 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rapydli.errors import ConfigError, ShapeError
+from rapydli.kernels import autotune
 from rapydli.kernels import (
     ACTIVATIONS,
     activation_backward,
     activation_forward,
     avgpool2d_backward,
     avgpool2d_forward,
-    conv2d_backward,
-    conv2d_forward,
     dense_backward,
-    dense_forward,
     maxpool2d_backward,
     maxpool2d_forward,
 )
@@ -169,7 +167,8 @@ class Dense(Layer):
         return regions
 
     def forward(self, x, params):
-        return _apply_activation(self.activation, dense_forward(x, params["weight"], params.get("bias")))
+        z = autotune.call("dense_forward", x, params["weight"], params.get("bias"))
+        return _apply_activation(self.activation, z)
 
     def backward(self, x, y, params, dy, need_dx):
         dz = _unapply_activation(self.activation, y, dy)
@@ -267,12 +266,14 @@ class Conv2D(Layer):
 
     def forward(self, x, params):
         # x arrives already zero-padded (its region reaches past the edges), so padding=0 here
-        z = conv2d_forward(x, params["weight"], params.get("bias"), self.strides, (0, 0))
+        z = autotune.call("conv2d_forward", x, params["weight"], params.get("bias"),
+                          self.strides, (0, 0))
         return _apply_activation(self.activation, z)
 
     def backward(self, x, y, params, dy, need_dx):
         dz = _unapply_activation(self.activation, y, dy)
-        dx, dw, db = conv2d_backward(x, params["weight"], dz, self.strides, (0, 0), need_dx=need_dx)
+        dx, dw, db = autotune.call("conv2d_backward", x, params["weight"], dz, self.strides,
+                                   (0, 0), need_dx=need_dx)
         grads = {"weight": dw}
         if self.use_bias:
             grads["bias"] = db
