@@ -11,8 +11,13 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
     """An embedded ``LocalCluster`` with one single-threaded worker process per mesh worker."""
     from distributed import Client, LocalCluster
 
+    # the nanny pins worker BLAS/OpenMP pools to 1 thread; a worker of T threads gets T
+    threads = str(threads_per_worker)
+    env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    extra = {"env": env} if processes else {}
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                           processes=processes, dashboard_address=None,
+                           processes=processes, dashboard_address=None, **extra,
                            scheduler_kwargs={"dashboard_address": ":0"},  # a free port
                            silence_logs=logging.ERROR)
     return Client(cluster)
