@@ -109,18 +109,24 @@ def batches(n: int, batch: int, count: int, start: int = 0):
 # --- timing ---------------------------------------------------------------------------------
 
 
-def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = None) -> float:
+def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = None,
+              steps_per_task: int = 1) -> float:
     """Seconds for training steps on ``indices``, submitted ahead like ``rapydli.fit`` does.
 
     Up to ``rapydli.training.MAX_IN_FLIGHT`` steps are in flight beyond the one whose metrics
     are collected next; the clock stops when the last step's metrics are on the client.
+    With ``steps_per_task > 1`` that many steps are unrolled into one graph, as
+    ``fit(steps_per_task=...)`` does.
     """
     from rapydli.training import MAX_IN_FLIGHT
 
     limit = MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
+    k = steps_per_task
+    groups = [indices[i:i + k] if k > 1 else indices[i] for i in range(0, len(indices), k)]
+    limit = max(1, limit // k)
     pending = []
     start = time.perf_counter()
-    for index in indices:
+    for index in groups:
         pending.append(engine.run("train", index, data)["metrics"])
         if len(pending) > limit:
             engine.value(pending.pop(0))

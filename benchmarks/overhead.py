@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--replays", type=int, default=3, help="replays of the kernels a round")
+    parser.add_argument("--steps-per-task", type=int, default=4,
+                        help="unrolled steps per graph for the (b2) run")
     args = parser.parse_args()
     C.pin_threads(args.threads)
 
@@ -110,6 +112,8 @@ def main() -> None:
         "(a) in-process, sync scheduler": (inproc, None, False),
         "(b) LocalCluster 1 worker x 2 threads": (C.make_engine(net, client=c1,
                                                                n_samples=args.samples), None, False),
+        f"(b2) as (b), {args.steps_per_task} steps per task": (
+            C.make_engine(net, client=c1, n_samples=args.samples), None, False),
         "(c) LocalCluster 2 workers, data_parallel(2)": (
             C.make_engine(net, rd.data_parallel(2), c2, n_samples=args.samples), 1, True),
     }
@@ -123,7 +127,8 @@ def main() -> None:
         for r in range(args.rounds + 1):
             indices = C.batches(args.samples, b, args.steps, start=r * args.steps)
             for key, (engine, _, _) in runs.items():
-                seconds = C.run_steps(engine, indices)
+                k = args.steps_per_task if key.startswith("(b2)") else 1
+                seconds = C.run_steps(engine, indices, steps_per_task=k)
                 if r:
                     step_t[key].append(seconds / args.steps)
             _, in_single = capture(inproc, indices[0], None)
@@ -150,7 +155,8 @@ def main() -> None:
         in_step = k["dp2 in-step" if dp else "single in-step"]
         frac = 1 - replayed / step
         fractions.append(frac)
-        rows.append([key, engine.plan(b, "train").n_tasks, f"{step * 1e3:.1f}",
+        k = args.steps_per_task if key.startswith("(b2)") else 1
+        rows.append([key, f"{engine.plan(b, 'train', k).n_tasks / k:.2f}", f"{step * 1e3:.1f}",
                      f"{replayed * 1e3:.1f}", f"{in_step * 1e3:.1f}", f"{b / step:,.0f}",
                      f"{frac:.0%}", f"{1 - in_step / step:.0%}"])
     print(f"\nstep time vs kernel time, batch {b}, {args.rounds} rounds x {args.steps} pipelined "

@@ -1,17 +1,30 @@
-"""Element-wise activation kernels; backward passes use the forward OUTPUT ``y``."""
+"""Element-wise activation kernels; backward passes use the forward OUTPUT ``y``.
+
+NumPy float32/float64 inputs run one fused Numba pass per call (see
+:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns it off); the
+``*_reference`` functions are the NumPy/CuPy implementations.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from rapydli.errors import ConfigError
+from rapydli.kernels._dispatch import contiguous, fast
 from rapydli.kernels.backend import get_array_module
 
-__all__ = ["ACTIVATIONS", "activation_backward", "activation_forward"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation_backward",
+    "activation_backward_reference",
+    "activation_forward",
+    "activation_forward_reference",
+]
 
 Array = Any
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "sigmoid", "tanh")
 _IDENTITY = (None, "linear")
+_CODES = {"relu": 0, "sigmoid": 1, "tanh": 2}  # as in rapydli.kernels._numba
 
 
 def _check_kind(kind: str | None) -> None:
@@ -53,6 +66,15 @@ def activation_forward(kind: str | None, x: Array) -> Array:
     array([0., 2.])
     """
     _check_kind(kind)
+    nb = fast(x) if kind in _CODES else None
+    if nb is None:
+        return activation_forward_reference(kind, x)
+    return nb.act_forward(contiguous(x).reshape(-1), _CODES[kind]).reshape(x.shape)
+
+
+def activation_forward_reference(kind: str | None, x: Array) -> Array:
+    """NumPy/CuPy reference of :func:`activation_forward`."""
+    _check_kind(kind)
     xp = get_array_module(x)
     if kind == "relu":
         y = xp.maximum(x, 0)
@@ -88,6 +110,16 @@ def activation_backward(kind: str | None, y: Array, dy: Array) -> Array:
     >>> activation_backward("tanh", np.array([0.0, 0.5]), np.array([1.0, 1.0]))
     array([1.  , 0.75])
     """
+    _check_kind(kind)
+    nb = fast(y, dy) if kind in _CODES and y.shape == dy.shape else None
+    if nb is None:
+        return activation_backward_reference(kind, y, dy)
+    return nb.act_backward(contiguous(y).reshape(-1), contiguous(dy).reshape(-1),
+                           _CODES[kind]).reshape(dy.shape)
+
+
+def activation_backward_reference(kind: str | None, y: Array, dy: Array) -> Array:
+    """NumPy/CuPy reference of :func:`activation_backward`."""
     _check_kind(kind)
     if kind == "relu":
         dx = dy * (y > 0)

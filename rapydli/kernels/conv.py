@@ -1,16 +1,29 @@
 """2-D convolution kernels (NCHW, cross-correlation like PyTorch, zero padding).
 
-Both directions use im2col (a strided view) and a single ``tensordot``.
+NumPy float32/float64 inputs run Numba-compiled kernels (see
+:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns them off):
+direct convolution loops when the reduction per output (``C*kh*kw``) or the
+number of filters is small, else im2col built by Numba plus one BLAS matmul.
+The NumPy reference implementations (``*_reference``: im2col as a strided view
+and one ``tensordot`` per direction) serve every other array type.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rapydli.errors import ShapeError
 from rapydli.kernels._windows import col2im, im2col, out_size, pad_hw, pair
+from rapydli.kernels._dispatch import contiguous, fast
 from rapydli.kernels.backend import get_array_module
 
-__all__ = ["conv2d_backward", "conv2d_forward"]
+__all__ = [
+    "conv2d_backward",
+    "conv2d_backward_reference",
+    "conv2d_forward",
+    "conv2d_forward_reference",
+]
 
 Array = Any
 
@@ -26,6 +39,21 @@ def _check(x: Array, w: Array, stride: Any, padding: Any) -> tuple[tuple[int, in
     s, p = pair(stride, "stride"), pair(padding, "padding", minimum=0)
     out_size(x.shape, k, s, p)
     return k, s, p
+
+
+def conv2d_forward_reference(
+    x: Array, w: Array, b: Array | None,
+    stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
+) -> Array:
+    """NumPy/CuPy reference of :func:`conv2d_forward`."""
+    xp = get_array_module(x)
+    k, s, p = _check(x, w, stride, padding)
+    cols = im2col(pad_hw(x, p), k, s)  # (N, C, Ho, Wo, kh, kw)
+    y = xp.tensordot(cols, w, axes=([1, 4, 5], [1, 2, 3]))  # (N, Ho, Wo, O)
+    if b is not None:
+        y = y + b
+    y = xp.ascontiguousarray(y.transpose(0, 3, 1, 2))  # (N, O, Ho, Wo)
+    return y.astype(x.dtype, copy=False)
 
 
 def conv2d_forward(
@@ -53,14 +81,42 @@ def conv2d_forward(
     >>> conv2d_forward(x, w, None, stride=2, padding=1).shape
     (1, 3, 3, 3)
     """
+    k, s, p = _check(x, w, stride, padding)
+    nb = fast(x, w, b)
+    if nb is None or (b is not None and tuple(b.shape) != (w.shape[0],)):
+        return conv2d_forward_reference(x, w, b, stride, padding)
+    ho, wo = out_size(x.shape, k, s, p)
+    xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
+    w = contiguous(w)
+    bias = contiguous(b) if b is not None else np.empty(0, x.dtype)
+    if _algo(x.shape[1], w.shape[0], k, ho, wo) == "gemm":
+        cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+        yt = w.reshape(w.shape[0], -1) @ cols  # (O, N*Ho*Wo)
+        return nb.onp_to_nop_bias(yt, bias, x.shape[0], ho, wo)  # (N, O, Ho, Wo)
+    return nb.conv_forward_direct(xpad, w, bias, s[0], s[1], ho, wo)  # (N, O, Ho, Wo)
+
+
+def conv2d_backward_reference(
+    x: Array, w: Array, dy: Array,
+    stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
+    need_dx: bool = True,
+) -> tuple[Array | None, Array, Array]:
+    """NumPy/CuPy reference of :func:`conv2d_backward`."""
     xp = get_array_module(x)
     k, s, p = _check(x, w, stride, padding)
-    cols = im2col(pad_hw(x, p), k, s)  # (N, C, Ho, Wo, kh, kw)
-    y = xp.tensordot(cols, w, axes=([1, 4, 5], [1, 2, 3]))  # (N, Ho, Wo, O)
-    if b is not None:
-        y = y + b
-    y = xp.ascontiguousarray(y.transpose(0, 3, 1, 2))  # (N, O, Ho, Wo)
-    return y.astype(x.dtype, copy=False)
+    xpad = pad_hw(x, p)  # (N, C, H+2ph, W+2pw)
+    cols = im2col(xpad, k, s)  # (N, C, Ho, Wo, kh, kw)
+    _check_dy(x, w, dy, cols.shape[2:4])
+    dw = xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 2, 3])).astype(w.dtype, copy=False)  # (O, C, kh, kw)
+    db = dy.sum(axis=(0, 2, 3))  # (O,)
+    dx = None
+    if need_dx:
+        dcols = xp.tensordot(dy, w, axes=([1], [0]))  # (N, Ho, Wo, C, kh, kw)
+        dcols = dcols.transpose(0, 3, 1, 2, 4, 5)  # (N, C, Ho, Wo, kh, kw)
+        dxpad = col2im(dcols, xpad.shape, s)  # (N, C, H+2ph, W+2pw)
+        dx = dxpad[:, :, p[0] : p[0] + x.shape[2], p[1] : p[1] + x.shape[3]]  # (N, C, H, W)
+        dx = xp.ascontiguousarray(dx).astype(x.dtype, copy=False)
+    return dx, dw, db
 
 
 def conv2d_backward(
@@ -95,20 +151,45 @@ def conv2d_backward(
     >>> dx.shape, dw.shape, db.shape
     ((1, 2, 5, 5), (3, 2, 3, 3), (3,))
     """
-    xp = get_array_module(x)
     k, s, p = _check(x, w, stride, padding)
-    xpad = pad_hw(x, p)  # (N, C, H+2ph, W+2pw)
-    cols = im2col(xpad, k, s)  # (N, C, Ho, Wo, kh, kw)
-    if dy.shape[2:] != cols.shape[2:4] or dy.shape[:2] != (x.shape[0], w.shape[0]):
-        raise ShapeError(f"dy has shape {tuple(dy.shape)}; expected "
-                         f"{(x.shape[0], w.shape[0]) + tuple(cols.shape[2:4])}")
-    dw = xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 2, 3])).astype(w.dtype, copy=False)  # (O, C, kh, kw)
-    db = dy.sum(axis=(0, 2, 3))  # (O,)
+    nb = fast(x, w, dy)
+    if nb is None:
+        return conv2d_backward_reference(x, w, dy, stride, padding, need_dx)
+    ho, wo = out_size(x.shape, k, s, p)
+    _check_dy(x, w, dy, (ho, wo))
+    n, c, h, wd = x.shape
+    xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
+    w, dy = contiguous(w), contiguous(dy)
+    db = nb.bias_sum(dy)  # (O,)
     dx = None
-    if need_dx:
-        dcols = xp.tensordot(dy, w, axes=([1], [0]))  # (N, Ho, Wo, C, kh, kw)
-        dcols = dcols.transpose(0, 3, 1, 2, 4, 5)  # (N, C, Ho, Wo, kh, kw)
-        dxpad = col2im(dcols, xpad.shape, s)  # (N, C, H+2ph, W+2pw)
-        dx = dxpad[:, :, p[0] : p[0] + x.shape[2], p[1] : p[1] + x.shape[3]]  # (N, C, H, W)
-        dx = xp.ascontiguousarray(dx).astype(x.dtype, copy=False)
+    if _algo(c, w.shape[0], k, ho, wo) == "gemm":
+        cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+        dyt = nb.nop_to_onp(dy)  # (O, N*Ho*Wo)
+        dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
+        if need_dx:
+            dcols = w.reshape(w.shape[0], -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
+            dx = nb.col2im(dcols, n, c, xpad.shape[2], xpad.shape[3], k[0], k[1], s[0], s[1], ho, wo)
+    else:
+        dw = nb.conv_dw_direct(xpad, dy, k[0], k[1], s[0], s[1])  # (O, C, kh, kw)
+        if need_dx:
+            dx = nb.conv_dx_direct(dy, w, s[0], s[1], xpad.shape[2], xpad.shape[3])
+    if dx is not None and p != (0, 0):
+        dx = np.ascontiguousarray(dx[:, :, p[0] : p[0] + h, p[1] : p[1] + wd])  # (N, C, H, W)
     return dx, dw, db
+
+
+#: override of the algorithm choice ("direct" or "gemm"), for benchmarks and tests; None: automatic
+FORCE_ALGO: str | None = None
+
+
+def _algo(c: int, o: int, k: tuple[int, int], ho: int, wo: int) -> str:
+    """``'direct'`` or ``'gemm'`` (im2col + BLAS) for the compiled path, by shape."""
+    if FORCE_ALGO is not None:
+        return FORCE_ALGO
+    return "direct" if c * k[0] * k[1] <= 32 or o <= 4 else "gemm"
+
+
+def _check_dy(x: Array, w: Array, dy: Array, hw: tuple[int, int]) -> None:
+    expected = (x.shape[0], w.shape[0]) + tuple(hw)
+    if tuple(dy.shape) != expected:
+        raise ShapeError(f"dy has shape {tuple(dy.shape)}; expected {expected}")

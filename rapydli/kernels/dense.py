@@ -34,9 +34,12 @@ def dense_forward(x: Array, w: Array, b: Array | None) -> Array:
     (2, 4)
     """
     xp = get_array_module(x)
-    y = xp.matmul(x, w.T)  # (N, O)
+    y = xp.matmul(x, w.T)  # (N, O), a fresh array: the bias is added in place
     if b is not None:
-        y = y + b
+        if y.dtype == b.dtype and b.ndim == 1:
+            y += b
+        else:
+            y = y + b
     return y.astype(x.dtype, copy=False)
 
 

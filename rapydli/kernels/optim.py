@@ -1,12 +1,18 @@
-"""Optimiser update kernels (pure: they return new weights and state)."""
+"""Optimiser update kernels (pure: they return new weights and state).
+
+NumPy float32/float64 inputs run one fused Numba pass (see
+:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns it off);
+:func:`sgd_update_reference` is the NumPy/CuPy implementation.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from rapydli.errors import ShapeError
+from rapydli.kernels._dispatch import contiguous, fast
 from rapydli.kernels.backend import get_array_module
 
-__all__ = ["sgd_update"]
+__all__ = ["sgd_update", "sgd_update_reference"]
 
 Array = Any
 
@@ -44,6 +50,24 @@ def sgd_update(
     >>> w, v
     (array([0.95]), array([0.5]))
     """
+    if tuple(g.shape) != tuple(w.shape):
+        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
+                         f"{tuple(w.shape)}")
+    nb = fast(w, g, v) if v is None or tuple(v.shape) == tuple(w.shape) else None
+    if nb is None:
+        return sgd_update_reference(w, g, v, lr, momentum, weight_decay, nesterov)
+    flat_w = contiguous(w).reshape(-1)
+    flat_v = flat_w if v is None else contiguous(v).reshape(-1)
+    w_new, v_new = nb.sgd_kernel(flat_w, contiguous(g).reshape(-1), flat_v, v is not None, float(lr),
+                                 float(momentum), float(weight_decay), bool(nesterov))
+    return w_new.reshape(w.shape), (v_new.reshape(w.shape) if momentum else None)
+
+
+def sgd_update_reference(
+    w: Array, g: Array, v: Array | None, lr: float, momentum: float = 0.0,
+    weight_decay: float = 0.0, nesterov: bool = False,
+) -> tuple[Array, Array | None]:
+    """NumPy/CuPy reference of :func:`sgd_update`."""
     xp = get_array_module(w)
     if tuple(g.shape) != tuple(w.shape):
         raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "

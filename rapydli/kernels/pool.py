@@ -1,17 +1,29 @@
-"""2-D max and average pooling kernels (NCHW, no padding, floor mode)."""
+"""2-D max and average pooling kernels (NCHW, no padding, floor mode).
+
+NumPy float32/float64 inputs run Numba-compiled loops (see
+:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns them off);
+the ``*_reference`` functions are the NumPy/CuPy implementations.
+"""
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from rapydli.errors import ShapeError
 from rapydli.kernels._windows import col2im, im2col, out_size, pair
+from rapydli.kernels._dispatch import contiguous, fast
 from rapydli.kernels.backend import get_array_module
 
 __all__ = [
     "avgpool2d_backward",
+    "avgpool2d_backward_reference",
     "avgpool2d_forward",
+    "avgpool2d_forward_reference",
     "maxpool2d_backward",
+    "maxpool2d_backward_reference",
     "maxpool2d_forward",
+    "maxpool2d_forward_reference",
 ]
 
 Array = Any
@@ -47,6 +59,18 @@ def maxpool2d_forward(x: Array, size: int | tuple[int, int], stride: int | tuple
            [13., 15.]])
     """
     k, s = _pairs(size, stride)
+    ho, wo = out_size(x.shape, k, s)
+    nb = fast(x)
+    if nb is None:
+        return maxpool2d_forward_reference(x, size, stride)
+    return nb.maxpool_forward(contiguous(x), k[0], k[1], s[0], s[1], ho, wo)  # (N, C, Ho, Wo)
+
+
+def maxpool2d_forward_reference(
+    x: Array, size: int | tuple[int, int], stride: int | tuple[int, int]
+) -> Array:
+    """NumPy/CuPy reference of :func:`maxpool2d_forward`."""
+    k, s = _pairs(size, stride)
     out_size(x.shape, k, s)
     return im2col(x, k, s).max(axis=(4, 5))  # (N, C, Ho, Wo)
 
@@ -77,6 +101,19 @@ def maxpool2d_backward(
     >>> maxpool2d_backward(x, None, np.ones((1, 1, 2, 2)), 2, 2)[0, 0, 1]
     array([0., 1., 0., 1.])
     """
+    k, s = _pairs(size, stride)
+    ho, wo = out_size(x.shape, k, s)
+    _check_dy(dy, x.shape, ho, wo)
+    nb = fast(x, dy)
+    if nb is None:
+        return maxpool2d_backward_reference(x, y, dy, size, stride)
+    return nb.maxpool_backward(contiguous(x), contiguous(dy), k[0], k[1], s[0], s[1])  # (N, C, H, W)
+
+
+def maxpool2d_backward_reference(
+    x: Array, y: Array, dy: Array, size: int | tuple[int, int], stride: int | tuple[int, int]
+) -> Array:
+    """NumPy/CuPy reference of :func:`maxpool2d_backward`."""
     xp = get_array_module(x)
     k, s = _pairs(size, stride)
     ho, wo = out_size(x.shape, k, s)
@@ -112,6 +149,18 @@ def avgpool2d_forward(x: Array, size: int | tuple[int, int], stride: int | tuple
            [10.5, 12.5]])
     """
     k, s = _pairs(size, stride)
+    ho, wo = out_size(x.shape, k, s)
+    nb = fast(x)
+    if nb is None:
+        return avgpool2d_forward_reference(x, size, stride)
+    return nb.avgpool_forward(contiguous(x), k[0], k[1], s[0], s[1], ho, wo)  # (N, C, Ho, Wo)
+
+
+def avgpool2d_forward_reference(
+    x: Array, size: int | tuple[int, int], stride: int | tuple[int, int]
+) -> Array:
+    """NumPy/CuPy reference of :func:`avgpool2d_forward`."""
+    k, s = _pairs(size, stride)
     out_size(x.shape, k, s)
     return im2col(x, k, s).mean(axis=(4, 5)).astype(x.dtype, copy=False)  # (N, C, Ho, Wo)
 
@@ -142,6 +191,22 @@ def avgpool2d_backward(
     array([[0.25, 0.25, 0.  ],
            [0.25, 0.25, 0.  ]])
     """
+    k, s = _pairs(size, stride)
+    x_shape = tuple(int(d) for d in x_shape)
+    _check_dy(dy, x_shape, *out_size(x_shape, k, s))
+    dt = np.dtype(dtype) if isinstance(dy, np.ndarray) else None
+    nb = fast(dy) if dt == dy.dtype else None
+    if nb is None:
+        return avgpool2d_backward_reference(x_shape, dy, size, stride, dtype)
+    out = np.zeros(x_shape, dtype=dt)  # (N, C, H, W)
+    return nb.avgpool_backward(contiguous(dy), x_shape[2], x_shape[3], k[0], k[1], s[0], s[1], out)
+
+
+def avgpool2d_backward_reference(
+    x_shape: tuple[int, ...], dy: Array, size: int | tuple[int, int],
+    stride: int | tuple[int, int], dtype: Any,
+) -> Array:
+    """NumPy/CuPy reference of :func:`avgpool2d_backward`."""
     xp = get_array_module(dy)
     k, s = _pairs(size, stride)
     x_shape = tuple(int(d) for d in x_shape)

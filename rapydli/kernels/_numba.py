@@ -1,0 +1,491 @@
+"""Numba-compiled CPU kernels for NumPy float32/float64 arrays (private).
+
+This module is imported lazily, on the first kernel call that can use it (see
+:mod:`rapydli.kernels._dispatch`), so ``import rapydli`` never pays for Numba.
+Every function is ``njit(parallel=True, fastmath=False, cache=True)``: it is
+compiled once per dtype on first call and the machine code is cached under
+``__pycache__`` for later processes (Dask workers included).
+
+Conventions: inputs are already validated, C-contiguous and of one float
+dtype; every function allocates and returns NEW arrays and never writes to
+its inputs. Integer arguments are Python ints (int64), so one specialisation
+per dtype is compiled. Parallel loops run over samples (or samples x
+channels); reductions over the batch go through per-lane partial sums, never
+through reassociation (``fastmath`` stays off).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+# GNU OpenMP threads spin after each parallel region by default; on a machine with few cores
+# they then steal the CPU from OpenBLAS's threads during the matmuls between our kernels (we
+# measured 2-10x slower GEMMs). Sleep instead, unless the user chose otherwise; must be set
+# before Numba's OpenMP pool starts, which happens on the first parallel call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba
+import numpy as np
+from numba import prange
+
+__all__ = [
+    "act_backward",
+    "act_forward",
+    "avgpool_backward",
+    "avgpool_forward",
+    "bias_sum",
+    "col2im",
+    "conv_dw_direct",
+    "conv_dx_direct",
+    "conv_forward_direct",
+    "im2col",
+    "maxpool_backward",
+    "maxpool_forward",
+    "mse_kernel",
+    "nop_to_onp",
+    "onp_to_nop_bias",
+    "sgd_kernel",
+    "softmax_ce_kernel",
+]
+
+_jit = numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+
+#: activation codes understood by ``act_forward`` / ``act_backward``
+ACT_CODES = {"relu": 0, "sigmoid": 1, "tanh": 2}
+
+
+# ------------------------------------------------------------------ convolution, direct loops
+@_jit
+def conv_forward_direct(x, w, b, sh, sw, ho, wo):
+    """``y[n, o] = b[o] + sum_{c,i,j} w[o,c,i,j] * x[n, c, i::sh, j::sw]``; ``b`` may be empty."""
+    n_, c_, _, _ = x.shape
+    o_, _, kh, kw = w.shape
+    y = np.empty((n_, o_, ho, wo), x.dtype)
+    has_bias = b.shape[0] > 0
+    for idx in prange(n_ * o_):
+        n = idx // o_
+        o = idx - n * o_
+        acc = y[n, o]
+        bv = b[o] if has_bias else x.dtype.type(0)
+        for r in range(ho):
+            for t in range(wo):
+                acc[r, t] = bv
+        for c in range(c_):
+            xc = x[n, c]
+            for i in range(kh):
+                for j in range(kw):
+                    wv = w[o, c, i, j]
+                    for r in range(ho):
+                        xr = xc[r * sh + i]
+                        ar = acc[r]
+                        if sw == 1:
+                            for t in range(wo):
+                                ar[t] += wv * xr[t + j]
+                        else:
+                            for t in range(wo):
+                                ar[t] += wv * xr[t * sw + j]
+    return y
+
+
+@_jit
+def conv_dx_direct(dy, w, sh, sw, h, wd):
+    """Input gradient ``(N, C, h, wd)``: scatter ``dy`` through the kernel (zero where uncovered)."""
+    n_, o_, ho, wo = dy.shape
+    _, c_, kh, kw = w.shape
+    dx = np.empty((n_, c_, h, wd), dy.dtype)
+    for idx in prange(n_ * c_):
+        n = idx // c_
+        c = idx - n * c_
+        d = dx[n, c]
+        for r in range(h):
+            for t in range(wd):
+                d[r, t] = 0
+        for o in range(o_):
+            g = dy[n, o]
+            for i in range(kh):
+                for j in range(kw):
+                    wv = w[o, c, i, j]
+                    for r in range(ho):
+                        dr = d[r * sh + i]
+                        gr = g[r]
+                        if sw == 1:
+                            for t in range(wo):
+                                dr[t + j] += wv * gr[t]
+                        else:
+                            for t in range(wo):
+                                dr[t * sw + j] += wv * gr[t]
+    return dx
+
+
+@_jit
+def conv_dw_direct(x, dy, kh, kw, sh, sw):
+    """Weight gradient ``(O, C, kh, kw)``; per-lane partial sums flushed to float64 per sample."""
+    n_, c_, _, _ = x.shape
+    _, o_, ho, wo = dy.shape
+    dw = np.empty((o_, c_, kh, kw), x.dtype)
+    for idx in prange(o_ * c_):
+        o = idx // c_
+        c = idx - o * c_
+        tmp = np.empty((kh, kw, wo), x.dtype)
+        tot = np.zeros((kh, kw), np.float64)
+        for n in range(n_):
+            tmp[:] = 0
+            g = dy[n, o]
+            xc = x[n, c]
+            for r in range(ho):
+                gr = g[r]
+                for i in range(kh):
+                    xr = xc[r * sh + i]
+                    for j in range(kw):
+                        tr = tmp[i, j]
+                        if sw == 1:
+                            for t in range(wo):
+                                tr[t] += gr[t] * xr[t + j]
+                        else:
+                            for t in range(wo):
+                                tr[t] += gr[t] * xr[t * sw + j]
+            for i in range(kh):
+                for j in range(kw):
+                    s = 0.0
+                    for t in range(wo):
+                        s += tmp[i, j, t]
+                    tot[i, j] += s
+        for i in range(kh):
+            for j in range(kw):
+                dw[o, c, i, j] = tot[i, j]
+    return dw
+
+
+@_jit
+def bias_sum(dy):
+    """``dy.sum(axis=(0, 2, 3))`` of an NCHW array, accumulated in float64."""
+    n_, o_, ho, wo = dy.shape
+    db = np.empty(o_, dy.dtype)
+    for o in prange(o_):
+        tot = 0.0
+        for n in range(n_):
+            g = dy[n, o]
+            s = 0.0
+            for r in range(ho):
+                for t in range(wo):
+                    s += g[r, t]
+            tot += s
+        db[o] = tot
+    return db
+
+
+# ------------------------------------------------------------------ convolution, im2col + BLAS
+# The window matrix is laid out (C*kh*kw, N*Ho*Wo): its rows are written and read along the
+# output columns, so every inner loop is a contiguous (for stride 1) copy or accumulation.
+@_jit
+def im2col(x, kh, kw, sh, sw, ho, wo):
+    """Windows as a ``(C*kh*kw, N*Ho*Wo)`` matrix (rows: c, i, j; columns: n, r, t)."""
+    n_, c_, _, _ = x.shape
+    p_ = ho * wo
+    cols = np.empty((c_ * kh * kw, n_ * p_), x.dtype)
+    for n in prange(n_):
+        base = n * p_
+        for c in range(c_):
+            xc = x[n, c]
+            for i in range(kh):
+                for j in range(kw):
+                    row = cols[(c * kh + i) * kw + j]
+                    for r in range(ho):
+                        xr = xc[r * sh + i]
+                        dst = base + r * wo
+                        if sw == 1:
+                            for t in range(wo):
+                                row[dst + t] = xr[t + j]
+                        else:
+                            for t in range(wo):
+                                row[dst + t] = xr[t * sw + j]
+    return cols
+
+
+@_jit
+def col2im(dcols, n_, c_, h, wd, kh, kw, sh, sw, ho, wo):
+    """Sum window gradients ``(C*kh*kw, N*Ho*Wo)`` back onto a zero ``(N, C, h, wd)``."""
+    p_ = ho * wo
+    dx = np.empty((n_, c_, h, wd), dcols.dtype)
+    for n in prange(n_):
+        base = n * p_
+        for c in range(c_):
+            dc = dx[n, c]
+            for r in range(h):
+                for t in range(wd):
+                    dc[r, t] = 0
+            for i in range(kh):
+                for j in range(kw):
+                    row = dcols[(c * kh + i) * kw + j]
+                    for r in range(ho):
+                        dr = dc[r * sh + i]
+                        src = base + r * wo
+                        if sw == 1:
+                            for t in range(wo):
+                                dr[t + j] += row[src + t]
+                        else:
+                            for t in range(wo):
+                                dr[t * sw + j] += row[src + t]
+    return dx
+
+
+@_jit
+def onp_to_nop_bias(yt, b, n_, ho, wo):
+    """``(O, N*Ho*Wo)`` GEMM output -> ``(N, O, Ho, Wo)``, adding ``b`` (may be empty)."""
+    o_ = yt.shape[0]
+    p_ = ho * wo
+    y = np.empty((n_, o_, ho, wo), yt.dtype)
+    has_bias = b.shape[0] > 0
+    for n in prange(n_):
+        yn = y[n].reshape((o_, p_))
+        for o in range(o_):
+            src = yt[o, n * p_:(n + 1) * p_]
+            dst = yn[o]
+            bv = b[o] if has_bias else yt.dtype.type(0)
+            for p in range(p_):
+                dst[p] = src[p] + bv
+    return y
+
+
+@_jit
+def nop_to_onp(dy):
+    """``(N, O, Ho, Wo)`` -> ``(O, N*Ho*Wo)`` (the GEMM layout of the output gradient)."""
+    n_, o_, ho, wo = dy.shape
+    p_ = ho * wo
+    out = np.empty((o_, n_ * p_), dy.dtype)
+    for n in prange(n_):
+        g = dy[n].reshape((o_, p_))
+        for o in range(o_):
+            dst = out[o, n * p_:(n + 1) * p_]
+            src = g[o]
+            for p in range(p_):
+                dst[p] = src[p]
+    return out
+
+
+# ------------------------------------------------------------------ pooling
+@_jit
+def maxpool_forward(x, kh, kw, sh, sw, ho, wo):
+    """Window maxima; NaN propagates (as ``np.max``). Inner loops run along an output row."""
+    n_, c_, _, _ = x.shape
+    y = np.empty((n_, c_, ho, wo), x.dtype)
+    for idx in prange(n_ * c_):
+        n = idx // c_
+        c = idx - n * c_
+        xc = x[n, c]
+        yc = y[n, c]
+        for r in range(ho):
+            m = yc[r]
+            x0 = xc[r * sh]
+            for t in range(wo):
+                m[t] = x0[t * sw]
+            for i in range(kh):
+                xr = xc[r * sh + i]
+                for j in range(kw):
+                    for t in range(wo):
+                        v = xr[t * sw + j]
+                        mt = m[t]
+                        m[t] = v if (v > mt or v != v) else mt
+    return y
+
+
+@_jit
+def maxpool_backward(x, dy, kh, kw, sh, sw):
+    """Route ``dy`` to the first maximum (row-major) of each window; windows may overlap.
+
+    The argmax is recomputed here (the interface passes no indices): per output row, a running
+    maximum and its window offset are updated along the row, then ``dy`` is scattered.
+    """
+    n_, c_, h, wd = x.shape
+    _, _, ho, wo = dy.shape
+    dx = np.empty_like(x)
+    for idx in prange(n_ * c_):
+        n = idx // c_
+        c = idx - n * c_
+        xc = x[n, c]
+        dc = dx[n, c]
+        g = dy[n, c]
+        best = np.empty(wo, x.dtype)
+        arg = np.empty(wo, np.int64)
+        for r in range(h):
+            for t in range(wd):
+                dc[r, t] = 0
+        for r in range(ho):
+            x0 = xc[r * sh]
+            for t in range(wo):
+                best[t] = x0[t * sw]
+                arg[t] = 0
+            for i in range(kh):
+                xr = xc[r * sh + i]
+                for j in range(kw):
+                    q = i * kw + j
+                    for t in range(wo):
+                        v = xr[t * sw + j]
+                        bt = best[t]
+                        take = v > bt or (v != v and bt == bt)  # first max; first NaN wins
+                        best[t] = v if take else bt
+                        arg[t] = q if take else arg[t]
+            gr = g[r]
+            for t in range(wo):
+                q = arg[t]
+                i = q // kw
+                dc[r * sh + i, t * sw + q - i * kw] += gr[t]
+    return dx
+
+
+@_jit
+def avgpool_forward(x, kh, kw, sh, sw, ho, wo):
+    n_, c_, _, _ = x.shape
+    y = np.empty((n_, c_, ho, wo), x.dtype)
+    inv = 1.0 / (kh * kw)
+    for idx in prange(n_ * c_):
+        n = idx // c_
+        c = idx - n * c_
+        xc = x[n, c]
+        yc = y[n, c]
+        for r in range(ho):
+            for t in range(wo):
+                s = 0.0
+                for i in range(kh):
+                    for j in range(kw):
+                        s += xc[r * sh + i, t * sw + j]
+                yc[r, t] = s * inv
+    return y
+
+
+@_jit
+def avgpool_backward(dy, h, wd, kh, kw, sh, sw, out):
+    """Spread ``dy / (kh*kw)`` over each window into the fresh zero array ``out`` and return it."""
+    n_, c_, ho, wo = dy.shape
+    inv = 1.0 / (kh * kw)
+    for idx in prange(n_ * c_):
+        n = idx // c_
+        c = idx - n * c_
+        dc = out[n, c]
+        g = dy[n, c]
+        for r in range(ho):
+            for t in range(wo):
+                share = g[r, t] * inv
+                for i in range(kh):
+                    for j in range(kw):
+                        dc[r * sh + i, t * sw + j] += share
+    return out
+
+
+# ------------------------------------------------------------------ element-wise
+@_jit
+def act_forward(x, code):
+    """relu (0), sigmoid (1, overflow-free) or tanh (2) of a flat array."""
+    y = np.empty_like(x)
+    n = x.shape[0]
+    zero = x.dtype.type(0)
+    one = x.dtype.type(1)
+    if code == 0:
+        for i in prange(n):
+            v = x[i]
+            y[i] = v if v > zero else zero
+    elif code == 1:
+        for i in prange(n):
+            v = x[i]
+            e = np.exp(-abs(v))
+            y[i] = one / (one + e) if v >= zero else e / (one + e)
+    else:
+        for i in prange(n):
+            y[i] = np.tanh(x[i])
+    return y
+
+
+@_jit
+def act_backward(y, dy, code):
+    """Activation gradient through the forward output ``y`` (flat arrays)."""
+    dx = np.empty_like(dy)
+    n = dy.shape[0]
+    zero = dy.dtype.type(0)
+    one = dy.dtype.type(1)
+    if code == 0:
+        for i in prange(n):
+            dx[i] = dy[i] if y[i] > zero else zero
+    elif code == 1:
+        for i in prange(n):
+            v = y[i]
+            dx[i] = dy[i] * v * (one - v)
+    else:
+        for i in prange(n):
+            v = y[i]
+            dx[i] = dy[i] * (one - v * v)
+    return dx
+
+
+@_jit
+def sgd_kernel(w, g, v, has_v, lr, momentum, weight_decay, nesterov):
+    """Fused SGD step on flat arrays: returns ``(w_new, v_new)`` (v_new is empty without momentum)."""
+    n = w.shape[0]
+    w_new = np.empty_like(w)
+    use_m = momentum != 0.0
+    v_new = np.empty(n if use_m else 0, w.dtype)
+    for i in prange(n):
+        g2 = g[i] + weight_decay * w[i] if weight_decay != 0.0 else g[i]
+        if use_m:
+            vn = momentum * v[i] + g2 if has_v else g2
+            vn = w.dtype.type(vn)
+            v_new[i] = vn
+            step = g2 + momentum * vn if nesterov else vn
+        else:
+            step = g2
+        w_new[i] = w[i] - lr * step
+    return w_new, v_new
+
+
+# ------------------------------------------------------------------ losses
+@_jit
+def softmax_ce_kernel(logits, labels, scale):
+    """``(loss, dlogits, n_correct)``; one pass per row, parallel over rows."""
+    n, k = logits.shape
+    d = np.empty_like(logits)
+    row_loss = np.empty(n, np.float64)
+    row_ok = np.empty(n, np.int64)
+    for r in prange(n):
+        z = logits[r]
+        m = z[0]
+        am = 0
+        for q in range(1, k):
+            if z[q] > m:
+                m = z[q]
+                am = q
+        s = 0.0
+        for q in range(k):
+            e = np.exp(z[q] - m)
+            d[r, q] = e
+            s += e
+        lab = labels[r]
+        lse = math.log(s)
+        row_loss[r] = lse - (z[lab] - m)
+        inv = 1.0 / s
+        for q in range(k):
+            d[r, q] = d[r, q] * inv * scale
+        d[r, lab] -= scale
+        row_ok[r] = 1 if am == lab else 0
+    loss = 0.0
+    ok = 0
+    for r in range(n):
+        loss += row_loss[r]
+        ok += row_ok[r]
+    return loss * scale, d, ok
+
+
+@_jit
+def mse_kernel(pred, target, scale):
+    """``(sum((pred - target)**2) * scale, 2 * scale * (pred - target))`` of flat arrays."""
+    n = pred.shape[0]
+    d = np.empty_like(pred)
+    two = 2.0 * scale
+    nb = (n + 4095) // 4096
+    part = np.zeros(nb, np.float64)
+    for b in prange(nb):
+        s = 0.0
+        for i in range(b * 4096, min(n, (b + 1) * 4096)):
+            diff = pred[i] - target[i]
+            s += diff * diff
+            d[i] = diff * two
+        part[b] = s
+    return part.sum() * scale, d

@@ -1,0 +1,192 @@
+"""The compiled (Numba) kernels against the NumPy reference kernels, in float32 and float64.
+
+One test body covers every kernel. It calls the public, dispatching functions of
+``rapydli.kernels`` either with the compiled path on (``impl="numba"``; the reference
+functions are then patched to fail, so a silent fallback to NumPy is caught) or forced off
+with ``RAPYDLI_KERNELS=numpy`` (``impl="reference"``), and compares every output (forward
+values and gradients) with ``rapydli.kernels.reference`` run in float64. It also checks that
+dtypes are kept and that no input is modified.
+
+Numba compiles each kernel once per dtype on first use and caches the machine code under
+``__pycache__``: the first run after a kernel change pays the compilation (tens of seconds),
+later runs take a few seconds.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import rapydli.kernels as K
+from rapydli.kernels import _dispatch, activations, conv, losses, optim, pool
+from rapydli.kernels import reference as R
+
+pytestmark = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba is not installed")
+
+
+def _rnd(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+def _distinct(rng, *shape):
+    """No ties, none near 0, exactly ordered in float32 too (so argmax and relu agree)."""
+    vals = (np.arange(math.prod(shape)) - math.prod(shape) // 2) * 0.1 + 0.05
+    return rng.permutation(vals).reshape(shape)
+
+
+def _conv(xs, ws, s, p, need_dx=True):
+    def make(rng):
+        x, w, b = _rnd(rng, *xs), _rnd(rng, *ws), _rnd(rng, ws[0])
+        dy = _rnd(rng, *R.conv2d_forward(x, w, b, s, p).shape)
+        return {"x": x, "w": w, "b": b, "dy": dy}
+
+    def call(m, a):
+        return (m.conv2d_forward(a["x"], a["w"], a["b"], s, p),
+                m.conv2d_forward(a["x"], a["w"], None, s, p),
+                *m.conv2d_backward(a["x"], a["w"], a["dy"], s, p, need_dx=need_dx))
+    return call, make
+
+
+def _pool(xs, size, stride):
+    def make(rng):
+        x = _distinct(rng, *xs)
+        dy = _rnd(rng, *R.maxpool2d_forward(x, size, stride).shape)
+        return {"x": x, "dy": dy}
+
+    def call(m, a):
+        x, dy = a["x"], a["dy"]
+        y = m.maxpool2d_forward(x, size, stride)
+        return (y, m.maxpool2d_backward(x, y, dy, size, stride), m.avgpool2d_forward(x, size, stride),
+                m.avgpool2d_backward(x.shape, dy, size, stride, dy.dtype))
+    return call, make
+
+
+def _activation(kind):
+    def make(rng):
+        return {"x": _distinct(rng, 3, 4, 5), "dy": _rnd(rng, 3, 4, 5)}
+
+    def call(m, a):
+        y = m.activation_forward(kind, a["x"])
+        return y, m.activation_backward(kind, y, a["dy"])
+    return call, make
+
+
+def _softmax(n, k):
+    def make(rng):
+        return {"logits": _rnd(rng, n, k) * 3, "labels": rng.integers(0, k, n)}
+
+    def call(m, a):
+        return m.softmax_cross_entropy(a["logits"], a["labels"], 1.0 / n)
+    return call, make
+
+
+def _mse(shape):
+    def make(rng):
+        return {"pred": _rnd(rng, *shape), "target": _rnd(rng, *shape)}
+
+    def call(m, a):
+        return m.mse(a["pred"], a["target"], 0.5)
+    return call, make
+
+
+def _sgd(shape, momentum, wd, nesterov, with_v):
+    def make(rng):
+        return {"w": _rnd(rng, *shape), "g": _rnd(rng, *shape), "v": _rnd(rng, *shape)}
+
+    def call(m, a):
+        return m.sgd_update(a["w"], a["g"], a["v"] if with_v else None, 0.1, momentum, wd, nesterov)
+    return call, make
+
+
+def _dense(n, i, o):
+    def make(rng):
+        return {"x": _rnd(rng, n, i), "w": _rnd(rng, o, i), "b": _rnd(rng, o), "dy": _rnd(rng, n, o)}
+
+    def call(m, a):
+        return m.dense_forward(a["x"], a["w"], a["b"]), *m.dense_backward(a["x"], a["w"], a["dy"])
+    return call, make
+
+
+CASES = {  # name -> (call(module, arrays) -> outputs, make(rng) -> float64 arrays)
+    "conv-direct-s2-p1-odd": _conv((2, 3, 7, 6), (5, 3, 3, 2), 2, 1),
+    "conv-direct-uncovered": _conv((2, 1, 6, 6), (2, 1, 3, 3), 2, 0),
+    "conv-direct-batch1-nodx": _conv((1, 1, 9, 9), (6, 1, 5, 5), 1, 0, need_dx=False),
+    "conv-gemm-p1": _conv((1, 4, 9, 8), (6, 4, 3, 3), 1, 1),
+    "conv-gemm-s21-p01": _conv((3, 6, 8, 7), (7, 6, 3, 3), (2, 1), (0, 1)),
+    "pool-2x2": _pool((2, 3, 6, 6), 2, 2),
+    "pool-overlap": _pool((2, 2, 7, 7), 3, 2),
+    "pool-rect-batch1": _pool((1, 2, 5, 8), (2, 3), (1, 2)),
+    "pool-uncovered": _pool((1, 1, 7, 6), (3, 2), (2, 3)),
+    **{f"act-{k}": _activation(k) for k in ("relu", "sigmoid", "tanh")},
+    "softmax-ce": _softmax(7, 10),
+    "softmax-ce-batch1": _softmax(1, 3),
+    "mse": _mse((5, 6)),
+    "sgd-nesterov-wd": _sgd((4, 3), 0.9, 0.01, True, True),
+    "sgd-first-step": _sgd((7,), 0.9, 0.0, False, False),
+    "sgd-plain": _sgd((2, 3, 2), 0.0, 0.01, False, False),
+    "dense": _dense(5, 4, 3),
+}
+
+#: reference functions the public ones fall back to, by module: patched to fail under "numba"
+_FALLBACKS = {
+    activations: ["activation_forward_reference", "activation_backward_reference"],
+    conv: ["conv2d_forward_reference", "conv2d_backward_reference"],
+    losses: ["softmax_cross_entropy_reference", "mse_reference"],
+    optim: ["sgd_update_reference"],
+    pool: ["maxpool2d_forward_reference", "maxpool2d_backward_reference",
+           "avgpool2d_forward_reference", "avgpool2d_backward_reference"],
+}
+_TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-12}, np.float32: {"rtol": 2e-4, "atol": 2e-5}}
+
+
+def _no_fallback(*args, **kwargs):
+    raise AssertionError("the compiled path fell back to the NumPy reference")
+
+
+def _flat(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("impl", ["numba", "reference"])
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference(case, dt, impl, monkeypatch):
+    call, make = CASES[case]
+    args64 = make(np.random.default_rng(sorted(CASES).index(case)))
+    want = _flat(call(R, args64))
+    args = {k: v.astype(dt) if v.dtype.kind == "f" else v for k, v in args64.items()}
+    before = {k: v.copy() for k, v in args.items()}
+    if impl == "reference":
+        monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
+    else:
+        monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+        for module, names in _FALLBACKS.items():
+            for name in names:
+                monkeypatch.setattr(module, name, _no_fallback)
+    got = _flat(call(K, args))
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None, f"output {i}"
+        elif isinstance(w, np.ndarray):
+            assert isinstance(g, np.ndarray) and g.dtype == dt and g.shape == w.shape, f"output {i}"
+            assert g.flags.c_contiguous, f"output {i}"
+            np.testing.assert_allclose(g, w, **_TOL[dt], err_msg=f"output {i}")
+            assert not any(g is a for a in args.values()), f"output {i} is an input object"
+        elif isinstance(w, float):
+            assert isinstance(g, float) and g == pytest.approx(w, rel=_TOL[dt]["rtol"]), f"output {i}"
+        else:
+            assert type(g) is type(w) and g == w, f"output {i}"
+    for k, v in args.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=f"input {k!r} was modified")
+
+
+def test_dispatch_rules(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    f32, f64 = np.zeros(2, np.float32), np.zeros(2)
+    assert _dispatch.fast(f32, None) is not None and _dispatch.fast(f64) is not None
+    assert _dispatch.fast(f32, f64) is None  # mixed dtypes
+    assert _dispatch.fast(np.zeros(2, np.int64)) is None and _dispatch.fast([1.0]) is None
+    monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
+    assert _dispatch.fast(f32) is None
