@@ -43,7 +43,7 @@ def unroll(graph, k: int):
     out = type(graph)()
     placeholders = {key: info for key, info in graph.graph["placeholders"].items()
                     if key != "$index"}
-    for key, info in placeholders.items():
+    for key in placeholders:
         out.add_op(graph.op(key))
     carried: dict[str, Ref] = {}
     metrics = []
