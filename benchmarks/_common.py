@@ -24,11 +24,17 @@ def pin_threads(threads: int) -> None:
     afterwards, inherit them too). Call before importing NumPy.
     """
     want = str(threads)
-    if all(os.environ.get(v) == want for v in THREAD_VARS):
+    # idle OpenMP threads sleep instead of spinning, for every library in the process: with
+    # two peers alternating on 2 cores, one's spinning pool would otherwise slow the other
+    if all(os.environ.get(v) == want for v in THREAD_VARS) and \
+            os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" and \
+            os.environ.get("OPENBLAS_THREAD_TIMEOUT") == "4":
         return
     if "numpy" in sys.modules:
         raise RuntimeError("pin_threads() must run before numpy is imported")
-    env = dict(os.environ, **{v: want for v in THREAD_VARS})
+    # (rapydli sets these two too, but only when it is imported before NumPy)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="4",
+               **{v: want for v in THREAD_VARS})
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 

@@ -127,8 +127,8 @@ def main() -> None:
         for r in range(args.rounds + 1):
             indices = C.batches(args.samples, b, args.steps, start=r * args.steps)
             for key, (engine, _, _) in runs.items():
-                k = args.steps_per_task if key.startswith("(b2)") else 1
-                seconds = C.run_steps(engine, indices, steps_per_task=k)
+                spt = args.steps_per_task if key.startswith("(b2)") else 1
+                seconds = C.run_steps(engine, indices, steps_per_task=spt)
                 if r:
                     step_t[key].append(seconds / args.steps)
             _, in_single = capture(inproc, indices[0], None)
@@ -155,8 +155,8 @@ def main() -> None:
         in_step = k["dp2 in-step" if dp else "single in-step"]
         frac = 1 - replayed / step
         fractions.append(frac)
-        k = args.steps_per_task if key.startswith("(b2)") else 1
-        rows.append([key, f"{engine.plan(b, 'train', k).n_tasks / k:.2f}", f"{step * 1e3:.1f}",
+        spt = args.steps_per_task if key.startswith("(b2)") else 1
+        rows.append([key, f"{engine.plan(b, 'train', spt).n_tasks / spt:.2f}", f"{step * 1e3:.1f}",
                      f"{replayed * 1e3:.1f}", f"{in_step * 1e3:.1f}", f"{b / step:,.0f}",
                      f"{frac:.0%}", f"{1 - in_step / step:.0%}"])
     print(f"\nstep time vs kernel time, batch {b}, {args.rounds} rounds x {args.steps} pipelined "

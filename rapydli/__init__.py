@@ -3,6 +3,14 @@
 The names users type: network and layer specs, placements, optimizers, and the verbs
 ``value_and_grad``, ``fit``, ``evaluate``, ``predict``.
 """
+import os as _os
+
+# Idle BLAS and OpenMP threads go to sleep at once instead of spinning: a step alternates BLAS
+# calls with Numba kernels, and a spinning pool takes the cores the next kernel needs. Read when
+# the libraries load, so this holds when rapydli is imported before NumPy (the command line, the
+# Dask workers rapydli starts); set the variables yourself to choose otherwise.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from rapydli.errors import (
     ClusterError,
     ConfigError,
