@@ -100,3 +100,30 @@ def test_unrolled_plan_is_one_task_on_one_worker(problem):
     compute = [t for t in plan.tasks.values() if t.worker is not None and
                not all(plan.graph.op(k).kind == "send" for k in t.ops)]
     assert len(compute) == 1 and len(compute[0].ops) > 4 * len(net.layers)
+
+
+@pytest.mark.parametrize("direct_max", [1, 4], ids=["tree", "direct"])
+def test_both_all_reduce_strategies_train_alike(client, problem, monkeypatch, direct_max):
+    """Tree reduction + broadcast and the direct exchange give the single-worker weights, and
+    every replica of a weight holds the same bits."""
+    import rapydli.graph.comm as comm
+
+    monkeypatch.setattr(comm, "DIRECT_ALLREDUCE_MAX", direct_max)
+    net, x, y = problem
+    kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=1, batch_size=24, seed=4)
+    single = rd.fit(net, x, y, **kwargs)
+    engine = Engine(net, rd.data_parallel(3), kwargs["optimizer"], client)
+    engine.set_params(net.init(4))
+    engine.set_data("train", x, y)
+    order = np.random.default_rng(4).permutation(len(x))
+    for i in range(0, len(x), 24):
+        engine.run("train", order[i:i + 24])
+    replicas: dict = {}
+    for key, info in engine.resident_info.items():
+        if info[0] == "param":
+            replicas.setdefault(info[1], []).append(engine.value(engine.resident[key]))
+    for name, values in replicas.items():
+        assert len(values) == 3
+        for value in values[1:]:
+            np.testing.assert_array_equal(value, values[0])
+        np.testing.assert_allclose(values[0], single.params[name], rtol=1e-4, atol=1e-5)

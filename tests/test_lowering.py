@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from rapydli import (
     spatial_parallel,
     value_and_grad,
 )
+from rapydli.graph.comm import DIRECT_ALLREDUCE_MAX
 from rapydli.graph.lower import MODES, lower
 from rapydli.graph.tiles import split, tile_grid
 from rapydli.graph.to_dask import StepPlan
@@ -137,7 +139,7 @@ def mlp() -> Sequential:
     return Sequential([Dense(8, activation="relu"), Dense(3)], input_shape=(5,))
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 6])
 def test_data_parallel_op_counts(n):
     graph = lower(mlp(), data_parallel(n), 6, "train", OPTIMIZER)
     n_layers, n_param_tiles = 2, 4  # one (whole) tile each of 0.weight, 0.bias, 1.weight, 1.bias
@@ -146,12 +148,18 @@ def test_data_parallel_op_counts(n):
     assert graph.count("forward") == (n_layers + 1) * n  # the loss tiles are forward ops too
     assert graph.count("backward") == n_layers * n
     assert graph.count("update") == n_param_tiles * n  # every replica applies the update
-    # tree reduction: n - 1 cross-worker sends per weight tile, then a broadcast to n - 1 replicas
-    reduce_sends = [u for u, _, _ in graph.crossing_edges() if "/grad/" in u and "/d" in u]
-    broadcasts = [u for u, _, _ in graph.crossing_edges() if "/grad/" in u and "/to" in u]
-    assert len(reduce_sends) == len(set(reduce_sends)) == n_param_tiles * (n - 1)
-    assert len(broadcasts) == n_param_tiles * (n - 1)
-    assert all(graph.op(u).kind == "send" for u in reduce_sends + broadcasts)
+    grad_sends = {u for u, _, _ in graph.crossing_edges() if "/grad/" in u}
+    assert all(graph.op(u).kind == "send" for u in grad_sends)
+    if n <= DIRECT_ALLREDUCE_MAX:
+        # direct exchange: every worker sends its partial to every other replica, one hop
+        assert len(grad_sends) == n_param_tiles * n * (n - 1)
+        assert all(re.search(r"/w\d+to\d+$", u) for u in grad_sends)
+    else:
+        # tree reduction: n - 1 sends per weight tile, then a broadcast to n - 1 replicas
+        reduce_sends = [u for u in grad_sends if "/d" in u]
+        broadcasts = [u for u in grad_sends if re.search(r"/to\d+$", u)]
+        assert len(reduce_sends) == n_param_tiles * (n - 1)
+        assert len(broadcasts) == n_param_tiles * (n - 1)
 
 
 def test_data_parallel_grad_mode_sends_one_per_weight_tile():

@@ -71,11 +71,12 @@ def forward_value(graph, name: str, ref: Ref, worker: int, size: int) -> Ref:
     return Ref(name, (), size)
 
 
-def tree_reduce(graph, name: str, parts: list[tuple[Ref, int]], size: int) -> tuple[Ref, int]:
-    """Sum partial values ``(ref, worker)``: per worker first, then pairwise across workers.
+#: up to this many workers hold partial sums, all-reduce by a direct exchange (one hop)
+DIRECT_ALLREDUCE_MAX = 4
 
-    Returns the ref of the sum and the worker that holds it. Depth is ``ceil(log2(workers))``.
-    """
+
+def _local_sums(graph, name: str, parts: list[tuple[Ref, int]], size: int) -> list[tuple[Ref, int]]:
+    """One partial per worker, in worker order: the partials each worker holds, summed there."""
     by_worker: dict[int, list[Ref]] = {}
     for ref, worker in parts:
         by_worker.setdefault(worker, []).append(ref)
@@ -86,6 +87,40 @@ def tree_reduce(graph, name: str, parts: list[tuple[Ref, int]], size: int) -> tu
             graph.add_op(TileOp(key, "reduce", "comm", worker, sum_task, tuple(refs), nbytes=size))
             refs = [Ref(key, (), size)]
         level.append((refs[0], worker))
+    return level
+
+
+def all_reduce(graph, name: str, parts: list[tuple[Ref, int]], replicas, size: int) -> dict:
+    """The sum of partial values ``(ref, worker)`` on every worker in ``replicas``.
+
+    Few workers (at most :data:`DIRECT_ALLREDUCE_MAX`): each sends its partial to every replica,
+    which sums them in worker order (one hop; every replica adds in the same order, so all get
+    the same bits). More: a tree reduction to one worker, then a broadcast of the sum.
+    """
+    level = _local_sums(graph, name, parts, size)
+    if len(level) > DIRECT_ALLREDUCE_MAX:
+        total, root = tree_reduce(graph, name, parts, size)
+        return {w: total if w == root else forward_value(graph, f"{name}/to{w}", total, root, size)
+                for w in replicas}
+    sums = {}
+    for w in replicas:
+        refs = tuple(ref if src == w else forward_value(graph, f"{name}/w{src}to{w}", ref, src, size)
+                     for ref, src in level)
+        if len(refs) == 1:
+            sums[w] = refs[0]
+            continue
+        key = f"{name}/sum@w{w}"
+        graph.add_op(TileOp(key, "reduce", "comm", w, sum_task, refs, nbytes=size))
+        sums[w] = Ref(key, (), size)
+    return sums
+
+
+def tree_reduce(graph, name: str, parts: list[tuple[Ref, int]], size: int) -> tuple[Ref, int]:
+    """Sum partial values ``(ref, worker)``: per worker first, then pairwise across workers.
+
+    Returns the ref of the sum and the worker that holds it. Depth is ``ceil(log2(workers))``.
+    """
+    level = _local_sums(graph, name, parts, size)
     depth = 0
     while len(level) > 1:
         depth += 1

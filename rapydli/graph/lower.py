@@ -22,7 +22,7 @@ import numpy as np
 
 from rapydli.errors import ShapeError
 from rapydli.graph import ops
-from rapydli.graph.comm import Source, forward_value, redistribute, tree_reduce
+from rapydli.graph.comm import Source, all_reduce, forward_value, redistribute, tree_reduce
 from rapydli.graph.ops import Ref, TileOp
 from rapydli.graph.tiles import Region, nbytes, shape_of, tile_grid
 from rapydli.layers import AXES
@@ -231,16 +231,16 @@ class _Lowering:
         slots = self.optimizer.slots if self.optimizer is not None else ()
         for (pkey, region), parts in sorted(partials.items()):
             size = nbytes(region, self.itemsize)
-            total, root = tree_reduce(self.graph, f"{pkey}/grad/{_tag(region)}", parts, size)
+            name = f"{pkey}/grad/{_tag(region)}"
             if self.mode == "grad":
-                key = f"{pkey}/grad/{_tag(region)}/out"
-                out = forward_value(self.graph, key, total, root, size)
+                total, root = tree_reduce(self.graph, name, parts, size)
+                out = forward_value(self.graph, f"{name}/out", total, root, size)
                 grads_out.setdefault(pkey, []).append((region, out))
                 continue
-            for worker in sorted(self.replicas[(pkey, region)]):
-                g = (total if worker == root else
-                     forward_value(self.graph, f"{pkey}/grad/{_tag(region)}/to{worker}",
-                                   total, root, size))
+            replicas = sorted(self.replicas[(pkey, region)])
+            sums = all_reduce(self.graph, name, parts, replicas, size)
+            for worker in replicas:
+                g = sums[worker]
                 weight = self.param_ref(pkey, region, worker)
                 state = tuple(self.state_ref(pkey, s, region, worker) for s in slots)
                 key = f"{pkey}/update/{_tag(region)}/w{worker}"
