@@ -4,7 +4,9 @@ Every op gets a *stage*: the largest number of worker changes on any path into i
 worker and one stage become one coarse task; ``send`` and ``output`` ops stay tasks of their
 own (the sends from one coarse task to another travel together as one), so only their exact
 bytes travel. An edge between two coarse tasks always climbs a stage (or leaves a send), so the
-coarse graph stays acyclic; a step becomes a few large tasks.
+coarse graph stays acyclic; a step becomes a few large tasks. A task also ends after an op that
+sends much (:data:`SPLIT_BYTES`), so that big transfers, e.g. gradients, overlap the compute
+that follows them.
 """
 from __future__ import annotations
 
@@ -13,8 +15,16 @@ import networkx as nx
 #: ops that always stay tasks of their own (their output is what moves between workers)
 SOLO = ("send", "output")
 
+#: an op that sends at least this many bytes to other workers ends its coarse task, so the
+#: transfer overlaps the work after it (below this, a task more costs more than it hides)
+SPLIT_BYTES = 1 << 20
 
-def stages(graph) -> dict[str, int]:
+
+def _exports(graph, key: str) -> int:
+    return sum(graph.op(s).nbytes for s in graph.successors(key) if graph.op(s).kind == "send")
+
+
+def stages(graph, split_bytes: int = SPLIT_BYTES) -> dict[str, int]:
     """Stage of every non-placeholder op."""
     stage: dict[str, int] = {}
     for key in nx.topological_sort(graph):
@@ -26,7 +36,9 @@ def stages(graph) -> dict[str, int]:
             p = graph.op(pred)
             if p.kind == "placeholder":
                 continue
-            s = max(s, stage[pred] + (p.worker != op.worker or p.kind in SOLO))
+            boundary = (p.worker != op.worker or p.kind in SOLO
+                        or (op.kind != "send" and _exports(graph, pred) >= split_bytes))
+            s = max(s, stage[pred] + boundary)
         stage[key] = s
     return stage
 

@@ -79,8 +79,7 @@ class StepPlan:
         self.tasks = {name: self._build(graph, name, worker, keys, wanted)
                       for name, worker, keys in groups}
         self.outputs = _map_refs(graph.graph["outputs"], self.locate)
-        self._layer_of = {t.name: "any" if t.worker is None else f"w{t.worker}"
-                          for t in self.tasks.values()}
+        self._layer_of = {t.name: _layer_name(graph, t) for t in self.tasks.values()}
         self._layer_deps: dict[str, set[str]] = {name: set() for name in self._layer_of.values()}
         for t in self.tasks.values():
             for kind, ref in t.externals:
@@ -147,7 +146,10 @@ class StepPlan:
         for lname, tasks in layers.items():
             annotations = None
             if lname != "any":
-                annotations = {"workers": [workers[int(lname[1:])]], "allow_other_workers": False}
+                worker = int(lname[1:].split("/")[0])
+                annotations = {"workers": [workers[worker]], "allow_other_workers": False}
+                if lname.endswith("/send"):  # another worker waits for these: run them first
+                    annotations["priority"] = 1
             hl_layers[lname] = MaterializedLayer(tasks, annotations=annotations)
         return HighLevelGraph(hl_layers, {k: set(v) for k, v in self._layer_deps.items()})
 
@@ -159,6 +161,14 @@ class StepPlan:
         return (f"StepPlan(mode={meta['mode']}, batch={meta['batch']}, mesh={meta['mesh']!r}, "
                 f"ops={self.graph.number_of_nodes()}, tasks={self.n_tasks}, "
                 f"tasks per worker={dict(sorted(by_worker.items(), key=str))})")
+
+
+def _layer_name(graph, task: FusedTask) -> str:
+    """The graph layer of a task: its worker, with sends in a layer of their own."""
+    if task.worker is None:
+        return "any"
+    sends = all(graph.op(k).kind == "send" for k in task.ops)
+    return f"w{task.worker}/send" if sends else f"w{task.worker}"
 
 
 def _map_refs(obj, fn):
