@@ -112,6 +112,7 @@ CASES = {  # name -> (call(module, arrays) -> outputs, make(rng) -> float64 arra
     "conv-direct-s2-p1-odd": _conv((2, 3, 7, 6), (5, 3, 3, 2), 2, 1),
     "conv-direct-uncovered": _conv((2, 1, 6, 6), (2, 1, 3, 3), 2, 0),
     "conv-direct-batch1-nodx": _conv((1, 1, 9, 9), (6, 1, 5, 5), 1, 0, need_dx=False),
+    "conv-direct-s1-p1-k3x7": _conv((2, 2, 9, 10), (3, 2, 3, 7), 1, 1),  # wide rows, 5 + 2 taps
     "conv-gemm-p1": _conv((1, 4, 9, 8), (6, 4, 3, 3), 1, 1),
     "conv-gemm-s21-p01": _conv((3, 6, 8, 7), (7, 6, 3, 3), (2, 1), (0, 1)),
     "pool-2x2": _pool((2, 3, 6, 6), 2, 2),

@@ -38,6 +38,7 @@ __all__ = [
     "conv_dw_direct",
     "conv_dx_direct",
     "conv_forward_direct",
+    "conv_forward_s1",
     "im2col",
     "maxpool_backward",
     "maxpool_forward",
@@ -173,6 +174,58 @@ def bias_sum(dy):
         db[o] = tot
     return db
 
+
+# ------------------------------------------------------------------ convolution, stride 1, wide rows
+@_jit
+def conv_forward_s1(x, w, b, ho, wo):
+    """Stride-1 :func:`conv_forward_direct` computed on "wide rows"; parallel over (n, o).
+
+    The output plane is accumulated on a grid as wide as the input (row stride ``W``): output
+    ``(r, t)`` sits at ``p = r*W + t`` and tap ``(i, j)`` reads ``x_flat[p + i*W + j]``, so a tap
+    is ONE contiguous, vectorisable loop over ``p < L = (Ho-1)*W + Wo`` instead of ``Ho`` short
+    loops of ``Wo``; the ``W - Wo`` junk columns of each row are dropped at the end. Five taps
+    of a kernel row share one pass (one load/store of the accumulator per five multiply-adds).
+    Accumulates in the input dtype, like :func:`conv_forward_direct`.
+    """
+    n_, c_, h, wd = x.shape
+    o_, _, kh, kw = w.shape
+    y = np.empty((n_, o_, ho, wo), x.dtype)
+    has_bias = b.shape[0] > 0
+    span = (ho - 1) * wd + wo
+    for idx in prange(n_ * o_):
+        n = idx // o_
+        o = idx - n * o_
+        acc = np.empty(span, x.dtype)
+        bv = b[o] if has_bias else x.dtype.type(0)
+        for p in range(span):
+            acc[p] = bv
+        for c in range(c_):
+            xf = x[n, c].reshape(h * wd)
+            for i in range(kh):
+                base = i * wd
+                j = 0
+                while j + 5 <= kw:
+                    w0 = w[o, c, i, j]
+                    w1 = w[o, c, i, j + 1]
+                    w2 = w[o, c, i, j + 2]
+                    w3 = w[o, c, i, j + 3]
+                    w4 = w[o, c, i, j + 4]
+                    s0 = xf[base + j:]
+                    for p in range(span):
+                        acc[p] += (w0 * s0[p] + w1 * s0[p + 1] + w2 * s0[p + 2]
+                                   + w3 * s0[p + 3] + w4 * s0[p + 4])
+                    j += 5
+                while j < kw:
+                    w0 = w[o, c, i, j]
+                    s0 = xf[base + j:]
+                    for p in range(span):
+                        acc[p] += w0 * s0[p]
+                    j += 1
+        yo = y[n, o]
+        for r in range(ho):
+            for t in range(wo):
+                yo[r, t] = acc[r * wd + t]
+    return y
 
 # ------------------------------------------------------------------ convolution, im2col + BLAS
 # The window matrix is laid out (C*kh*kw, N*Ho*Wo): its rows are written and read along the
