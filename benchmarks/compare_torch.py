@@ -10,7 +10,8 @@ rapydli / PyTorch per model, then the GFLOP/s of ``rapydli.kernels.dense_forward
 ``dense_backward`` at the MLP's shapes against plain NumPy matmuls of the same sizes.
 
 Goals: samples/s ratio rapydli / PyTorch >= 1.0 for every model; dense kernels >= 80% of the
-NumPy matmul rate.
+NumPy matmul rate. Last, the peak memory of training steps per framework (each in a fresh
+process, above what data, parameters and a warm-up step hold).
 
     python benchmarks/compare_torch.py [--threads 2] [--rounds 5] [--steps 5] [--cluster]
 
@@ -113,6 +114,53 @@ def compare(args, client):
     return ratios
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def memory_child(name: str, who: str, args) -> None:
+    """In a fresh process: peak resident memory of training steps above the memory held
+    after setup (data, parameters, one warm-up step), printed as one number in MiB."""
+    import resource
+
+    net = rapydli_model(name)
+    indices = C.batches(args.samples, args.batch, args.steps)
+    if who == "rapydli":
+        engine = C.make_engine(net, n_samples=args.samples)
+        C.run_steps(engine, indices[:1])
+        run = lambda: C.run_steps(engine, indices)  # noqa: E731
+    else:
+        peer = TorchRunner(name, net, args.samples, 0.01, 0.9)
+        peer.run(indices[:1])
+        run = lambda: peer.run(indices)  # noqa: E731
+    base = _rss_mib()
+    resource.getrusage(resource.RUSAGE_SELF)
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{max(peak - base, 0.0):.1f}")
+
+
+def memory(args) -> None:
+    """Peak memory per step of each framework, each measured in a process of its own."""
+    import subprocess
+    import sys
+
+    rows = []
+    for name in args.models:
+        mib = {}
+        for who in ("rapydli", "pytorch"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", name, who,
+                                  "--samples", str(args.samples), "--batch", str(args.batch),
+                                  "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True).stdout
+            mib[who] = float(out.strip().splitlines()[-1])
+        rows.append([name, f"{mib['rapydli']:.1f}", f"{mib['pytorch']:.1f}"])
+    print(f"\npeak resident memory of {args.steps} training steps above the memory held after "
+          f"setup, batch {args.batch} (MiB; a fresh process each)")
+    print(C.table(["model", "rapydli", "pytorch"], rows, ["<", ">", ">"]))
+
+
 def dense_rates(args):
     """GFLOP/s of rapydli's dense kernels vs NumPy matmuls of the same sizes, MLP shapes."""
     import time
@@ -186,12 +234,17 @@ def main() -> None:
                         help="also run rapydli on a LocalCluster of 1 worker process, T threads")
     parser.add_argument("--kernel-rounds", type=int, default=5)
     parser.add_argument("--kernel-reps", type=int, default=10)
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHO"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     C.pin_threads(args.threads)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, args)
+        return
     print(C.machine_line())
     client = None
     if args.cluster:
@@ -203,6 +256,7 @@ def main() -> None:
         if client is not None:
             C.close_client(client)
     dense_rates(args)
+    memory(args)
 
 
 if __name__ == "__main__":

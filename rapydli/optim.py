@@ -14,6 +14,7 @@ import numpy as np
 
 from rapydli.errors import ConfigError
 from rapydli.kernels import sgd_update
+from rapydli.kernels.optim import sgd_update_
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,12 @@ class SGD:
     def init_state(self, weight: np.ndarray) -> dict:
         return {slot: np.zeros_like(weight) for slot in self.slots}
 
-    def update(self, weight, grad, state: dict):
-        """``(new_weight, new_state)``; pure, inputs are left untouched."""
-        w, v = sgd_update(weight, grad, state.get("velocity"), self.lr, self.momentum,
-                          self.weight_decay, self.nesterov)
+    def update(self, weight, grad, state: dict, inplace: bool = False):
+        """``(new_weight, new_state)``; pure unless ``inplace``, which writes into ``weight``
+        and the state arrays (for callers that own them)."""
+        kernel = sgd_update_ if inplace else sgd_update
+        w, v = kernel(weight, grad, state.get("velocity"), self.lr, self.momentum,
+                      self.weight_decay, self.nesterov)
         return w, ({"velocity": v} if self.slots else {})
 
 

@@ -67,6 +67,11 @@ class TileGraph(nx.DiGraph):
             assert self.op(u).kind == "send", f"{u} -> {v} crosses workers without a send op"
         for key, op in self.nodes(data="op"):
             assert op is not None, f"edge to unknown op {key}"
+        for op in self.ops(kind="update"):  # in-place updates: nothing reads the old values after
+            for ref in (op.inputs[0], *op.inputs[2:]):
+                for reader in self.successors(ref.key):
+                    assert reader == op.key or nx.has_path(self, reader, op.key), \
+                        f"{reader} reads {ref.key} but may run after its in-place update {op.key}"
 
 
 @dataclass
@@ -246,7 +251,8 @@ class _Lowering:
                 key = f"{pkey}/update/{_tag(region)}/w{worker}"
                 self.graph.add_op(TileOp(
                     key, "update", "update", worker, ops.update_task, (weight, g, *state),
-                    dict(optimizer=self.optimizer, slots=slots), pkey.split(".")[0],
+                    dict(optimizer=self.optimizer, slots=slots, inplace=True),
+                    pkey.split(".")[0],
                     shape_of(region), size, 4 * int(np.prod(shape_of(region)))))
                 new_values[weight.key] = Ref(key, (0,), size)
                 for k, s in enumerate(state):

@@ -146,9 +146,11 @@ def loss_task(pred, target, *, loss, scale: float, backward: bool = True):
     return float(value), (dpred if backward else None), int(n_correct)
 
 
-def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...]):
-    """``(new weight, new slot, ...)`` for one resident weight tile."""
-    new_weight, new_state = optimizer.update(weight, grad, dict(zip(slots, state)))
+def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...], inplace: bool = False):
+    """``(new weight, new slot, ...)`` for one resident weight tile; with ``inplace`` the
+    weight and state arrays are updated where they are (no op reads them afterwards)."""
+    new_weight, new_state = optimizer.update(weight, grad, dict(zip(slots, state)),
+                                             inplace=inplace)
     return (new_weight, *(new_state[s] for s in slots))
 
 

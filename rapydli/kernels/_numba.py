@@ -46,6 +46,7 @@ __all__ = [
     "nop_to_onp",
     "onp_to_nop_bias",
     "sgd_kernel",
+    "sgd_kernel_inplace",
     "softmax_ce_kernel",
 ]
 
@@ -487,6 +488,23 @@ def sgd_kernel(w, g, v, has_v, lr, momentum, weight_decay, nesterov):
             step = g2
         w_new[i] = w[i] - lr * step
     return w_new, v_new
+
+
+@_jit
+def sgd_kernel_inplace(w, g, v, lr, momentum, weight_decay, nesterov):
+    """The step of :func:`sgd_kernel` written into ``w`` and ``v`` (``v`` holds zeros or the
+    previous velocity; unused without momentum)."""
+    n = w.shape[0]
+    use_m = momentum != 0.0
+    for i in prange(n):
+        g2 = g[i] + weight_decay * w[i] if weight_decay != 0.0 else g[i]
+        if use_m:
+            vn = w.dtype.type(momentum * v[i] + g2)
+            v[i] = vn
+            step = g2 + momentum * vn if nesterov else vn
+        else:
+            step = g2
+        w[i] = w[i] - lr * step
 
 
 # ------------------------------------------------------------------ losses

@@ -12,7 +12,7 @@ from rapydli.errors import ShapeError
 from rapydli.kernels._dispatch import contiguous, fast
 from rapydli.kernels.backend import get_array_module
 
-__all__ = ["sgd_update", "sgd_update_reference"]
+__all__ = ["sgd_update", "sgd_update_", "sgd_update_reference"]
 
 Array = Any
 
@@ -61,6 +61,36 @@ def sgd_update(
     w_new, v_new = nb.sgd_kernel(flat_w, contiguous(g).reshape(-1), flat_v, v is not None, float(lr),
                                  float(momentum), float(weight_decay), bool(nesterov))
     return w_new.reshape(w.shape), (v_new.reshape(w.shape) if momentum else None)
+
+
+def sgd_update_(
+    w: Array, g: Array, v: Array | None, lr: float, momentum: float = 0.0,
+    weight_decay: float = 0.0, nesterov: bool = False,
+) -> tuple[Array, Array | None]:
+    """:func:`sgd_update` written into ``w`` and ``v`` (the caller owns them); returns them.
+
+    The one kernel that writes into its inputs: the engine uses it for weights it owns and
+    that no op reads after their update (``TileGraph.validate`` checks that). ``v`` None
+    with momentum gets a new buffer.
+
+    >>> import numpy as np
+    >>> w = np.array([1.0]); w2, v = sgd_update_(w, np.array([0.5]), None, 0.1, 0.9)
+    >>> w2 is w, w, v
+    (True, array([0.95]), array([0.5]))
+    """
+    if momentum and v is None:
+        v = get_array_module(w).zeros_like(w)
+    nb = fast(w, g, v) if v is None or tuple(v.shape) == tuple(w.shape) else None
+    if nb is None or not (w.flags.c_contiguous and (v is None or v.flags.c_contiguous)):
+        new_w, new_v = sgd_update_reference(w, g, v, lr, momentum, weight_decay, nesterov)
+        w[...] = new_w
+        if momentum:
+            v[...] = new_v
+        return w, v
+    flat_v = w.reshape(-1) if v is None else v.reshape(-1)
+    nb.sgd_kernel_inplace(w.reshape(-1), contiguous(g).reshape(-1), flat_v, float(lr),
+                          float(momentum), float(weight_decay), bool(nesterov))
+    return w, v
 
 
 def sgd_update_reference(

@@ -90,6 +90,7 @@ class Engine:
         self._source = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
         for key, value in (opt_state or {}).items():
             self._source[f"state/{key}"] = np.asarray(value, dtype=self.dtype)
+        # resident tiles are always copies: updates write into them in place
         self._move("ready")
 
     def set_data(self, name: str, x, y=None) -> None:
@@ -125,7 +126,8 @@ class Engine:
                 full = self._source.get(f"state/{slot}/{pkey}")
                 if full is None:
                     full = np.zeros_like(self._source[pkey])
-            tile = np.ascontiguousarray(full[relative(region, ((0, n) for n in full.shape))])
+            tile = np.array(full[relative(region, ((0, n) for n in full.shape))], order="C",
+                            copy=True)
             self.resident[key] = Bound(self._put(tile, self.workers[worker]))
             self.resident_info[key] = info
         return self.resident[key]
