@@ -114,6 +114,7 @@ CASES = {  # name -> (call(module, arrays) -> outputs, make(rng) -> float64 arra
     "conv-direct-batch1-nodx": _conv((1, 1, 9, 9), (6, 1, 5, 5), 1, 0, need_dx=False),
     "conv-direct-s1-p1-k3x7": _conv((2, 2, 9, 10), (3, 2, 3, 7), 1, 1),  # wide rows, 5 + 2 taps
     "conv-gemm-p1": _conv((1, 4, 9, 8), (6, 4, 3, 3), 1, 1),
+    "conv-s1-k2x4-p12": _conv((2, 3, 6, 9), (5, 3, 2, 4), 1, (1, 2)),  # wide-row dx, < 5 taps
     "conv-gemm-s21-p01": _conv((3, 6, 8, 7), (7, 6, 3, 3), (2, 1), (0, 1)),
     "pool-2x2": _pool((2, 3, 6, 6), 2, 2),
     "pool-overlap": _pool((2, 2, 7, 7), 3, 2),

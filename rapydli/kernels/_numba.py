@@ -37,6 +37,7 @@ __all__ = [
     "col2im",
     "conv_dw_direct",
     "conv_dx_direct",
+    "conv_dx_s1",
     "conv_forward_direct",
     "conv_forward_s1",
     "im2col",
@@ -227,6 +228,60 @@ def conv_forward_s1(x, w, b, ho, wo):
             for t in range(wo):
                 yo[r, t] = acc[r * wd + t]
     return y
+
+
+@_jit
+def conv_dx_s1(dy, w, h, wd):
+    """Stride-1 :func:`conv_dx_direct` on wide rows (``h, wd``: padded input size); parallel over n.
+
+    ``dy[n, o]`` is first laid out on rows as wide as the input (row stride ``wd``, zero in the
+    ``wd - Wo = kw - 1`` junk columns) after ``kw - 1`` leading zeros. Kernel row ``i`` then
+    adds to ``dx_flat[i*wd + u]``, ``u < Ho*wd``, the gather ``sum_j w[o, c, i, j] *
+    dyw[u - j]``: one contiguous loop per kernel row, five taps per pass, written straight into
+    ``dx`` (no junk columns on the output side: a column that wraps lands on a junk zero).
+    Accumulates in the input dtype, like :func:`conv_dx_direct`.
+    """
+    n_, o_, ho, wo = dy.shape
+    _, c_, kh, kw = w.shape
+    dx = np.empty((n_, c_, h, wd), dy.dtype)
+    m = kw - 1
+    span = ho * wd
+    for n in prange(n_):
+        dyw = np.zeros((o_, m + span), dy.dtype)
+        for o in range(o_):
+            g = dy[n, o]
+            row = dyw[o]
+            for r in range(ho):
+                for t in range(wo):
+                    row[m + r * wd + t] = g[r, t]
+        for c in range(c_):
+            acc = dx[n, c].reshape(h * wd)
+            for q in range(h * wd):
+                acc[q] = 0
+            for o in range(o_):
+                row = dyw[o]
+                for i in range(kh):
+                    a = acc[i * wd:]
+                    j = 0
+                    while j + 5 <= kw:
+                        w0 = w[o, c, i, j]
+                        w1 = w[o, c, i, j + 1]
+                        w2 = w[o, c, i, j + 2]
+                        w3 = w[o, c, i, j + 3]
+                        w4 = w[o, c, i, j + 4]
+                        s0 = row[m - j - 4:]
+                        for u in range(span):
+                            a[u] += (w0 * s0[u + 4] + w1 * s0[u + 3] + w2 * s0[u + 2]
+                                     + w3 * s0[u + 1] + w4 * s0[u])
+                        j += 5
+                    while j < kw:
+                        w0 = w[o, c, i, j]
+                        s0 = row[m - j:]
+                        for u in range(span):
+                            a[u] += w0 * s0[u]
+                        j += 1
+    return dx
+
 
 # ------------------------------------------------------------------ convolution, im2col + BLAS
 # The window matrix is laid out (C*kh*kw, N*Ho*Wo): its rows are written and read along the

@@ -168,12 +168,16 @@ def conv2d_backward(
         cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
         dyt = nb.nop_to_onp(dy)  # (O, N*Ho*Wo)
         dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
-        if need_dx:
+        if need_dx and s == (1, 1):
+            dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
+        elif need_dx:
             dcols = w.reshape(w.shape[0], -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
             dx = nb.col2im(dcols, n, c, xpad.shape[2], xpad.shape[3], k[0], k[1], s[0], s[1], ho, wo)
     else:
         dw = nb.conv_dw_direct(xpad, dy, k[0], k[1], s[0], s[1])  # (O, C, kh, kw)
-        if need_dx:
+        if need_dx and s == (1, 1):
+            dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
+        elif need_dx:
             dx = nb.conv_dx_direct(dy, w, s[0], s[1], xpad.shape[2], xpad.shape[3])
     if dx is not None and p != (0, 0):
         dx = np.ascontiguousarray(dx[:, :, p[0] : p[0] + h, p[1] : p[1] + wd])  # (N, C, H, W)
