@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
                       batch_size=config.train.batch_size, seed=config.train.seed,
                       validation_data=(data.x_test, data.y_test), client=client,
                       dtype=config.train.dtype, progress=not args.no_progress,
-                      on_epoch=on_epoch, steps_per_task=args.steps_per_task)
+                      on_epoch=on_epoch, steps_per_task=args.steps_per_task,
+                      eval_every=config.train.eval_every)
     finally:
         if args.scheduler is None and hasattr(client, "cluster"):
             cluster = client.cluster
@@ -92,13 +93,14 @@ def _plot_losses(history, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    tested = [row for row in history.epochs if "test_loss" in row]  # every eval_every epochs
     ax1.plot(history["epoch"], history["loss"], label="train")
-    if "test_loss" in history.epochs[0]:
-        ax1.plot(history["epoch"], history["test_loss"], label="test")
-    ax1.set(xlabel="epoch", ylabel="loss", yscale="log")
     ax2.plot(history["epoch"], history["train_accuracy"], label="train")
-    if "test_accuracy" in history.epochs[0]:
-        ax2.plot(history["epoch"], history["test_accuracy"], label="test")
+    if tested:
+        epochs = [row["epoch"] for row in tested]
+        ax1.plot(epochs, [row["test_loss"] for row in tested], "o-", label="test")
+        ax2.plot(epochs, [row["test_accuracy"] for row in tested], "o-", label="test")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log")
     ax2.set(xlabel="epoch", ylabel="accuracy")
     for ax in (ax1, ax2):
         ax.legend()

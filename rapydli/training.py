@@ -22,6 +22,7 @@ from rapydli.graph.tiles import relative
 from rapydli.optim import SGD
 from rapydli.scheduler.cluster import local_client
 from rapydli.scheduler.engine import Engine
+from rapydli.storage.datasets import batches
 
 #: most training steps submitted ahead of the one whose metrics were last collected
 MAX_IN_FLIGHT = 4
@@ -82,11 +83,6 @@ class History:
         return [row[key] for row in self.epochs]
 
 
-def _epoch_batches(n: int, batch_size: int, rng) -> list[np.ndarray]:
-    order = rng.permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
 def _evaluate_engine(engine: Engine, name: str, n: int, batch_size: int) -> tuple[float, float]:
     results = [engine.run("eval", np.arange(i, min(i + batch_size, n)), name)["metrics"]
                for i in range(0, n, batch_size)]
@@ -101,13 +97,15 @@ def _evaluate_engine(engine: Engine, name: str, n: int, batch_size: int) -> tupl
 def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, params=None, opt_state=None,
         validation_data=None, client=None, dtype="float32", progress: bool = False,
-        on_epoch=None, fused: bool = True, steps_per_task: int = 1) -> History:
+        on_epoch=None, fused: bool = True, steps_per_task: int = 1,
+        eval_every: int = 1) -> History:
     """Train ``network`` on ``(x, y)``; returns a :class:`History` with the final params.
 
     Steps are submitted ahead (up to ``MAX_IN_FLIGHT``) while earlier ones compute; the
     weights stay on the workers until the end. ``on_epoch(row)`` is called after each epoch
     with a dict of ``epoch``, ``loss``, ``train_accuracy``, ``test_accuracy`` (when
     ``validation_data`` is given), ``samples_per_s`` and ``seconds``.
+    The test split is evaluated every ``eval_every`` epochs and after the last one.
     ``steps_per_task > 1`` unrolls that many steps into one graph (see
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers.
     """
@@ -128,7 +126,7 @@ def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, "loss": loss / len(x), "train_accuracy": correct / len(x),
                    "samples_per_s": len(x) / seconds, "seconds": seconds}
-            if validation_data is not None:
+            if validation_data is not None and (epoch % eval_every == 0 or epoch == epochs):
                 row["test_loss"], row["test_accuracy"] = _evaluate_engine(
                     engine, "test", len(validation_data[0]), batch_size)
             history.epochs.append(row)
@@ -171,7 +169,7 @@ def _train_epoch(engine: Engine, n: int, batch_size: int, rng, bar,
         if bar is not None:
             bar.update(len(chunk))
 
-    for chunk in _chunks(_epoch_batches(n, batch_size, rng), steps_per_task):
+    for chunk in _chunks(batches(n, batch_size, rng), steps_per_task):
         pending.append((engine.run("train", chunk if len(chunk) > 1 else chunk[0],
                                    "train")["metrics"], chunk))
         if len(pending) > max(1, MAX_IN_FLIGHT // steps_per_task):

@@ -127,3 +127,10 @@ def test_both_all_reduce_strategies_train_alike(client, problem, monkeypatch, di
         for value in values[1:]:
             np.testing.assert_array_equal(value, values[0])
         np.testing.assert_allclose(values[0], single.params[name], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(problem):
+    net, x, y = problem
+    history = rd.fit(net, x[:60], y[:60], optimizer=rd.SGD(lr=0.1), epochs=3, batch_size=30,
+                     validation_data=(x[60:], y[60:]), eval_every=2)
+    assert ["test_accuracy" in row for row in history.epochs] == [False, True, True]

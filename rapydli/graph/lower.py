@@ -14,7 +14,6 @@ tree-reduced and each replica applies the same update, so replicas never diverge
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -307,7 +306,3 @@ def lower(network, placement, batch: int, mode: str = "train", optimizer=None,
     placement = placement or single()
     placement.check_layers([layer.name for layer in network.layers])
     return _Lowering(network, placement, int(batch), mode, optimizer, np.dtype(dtype)).run()
-
-
-def op_counts(graph: TileGraph) -> Counter:
-    return Counter(op.kind for op in graph.ops())

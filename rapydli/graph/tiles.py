@@ -46,15 +46,6 @@ def relative(inner: Region, outer: Region) -> tuple[slice, ...]:
     return tuple(slice(i0 - o0, i1 - o0) for (i0, i1), (o0, _) in zip(inner, outer))
 
 
-def clip(region: Region, shape: tuple[int, ...]) -> Region:
-    """The part of ``region`` inside a tensor of ``shape`` (drops the padding)."""
-    return tuple((max(s, 0), min(e, n)) for (s, e), n in zip(region, shape))
-
-
-def full(shape: tuple[int, ...]) -> Region:
-    return tuple((0, n) for n in shape)
-
-
 def nbytes(region: Region, itemsize: int) -> int:
     return math.prod(shape_of(region)) * itemsize
 
