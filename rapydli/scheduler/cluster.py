@@ -8,7 +8,8 @@ from rapydli.errors import ClusterError, PlacementError
 
 
 def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = True):
-    """An embedded ``LocalCluster`` with one single-threaded worker process per mesh worker."""
+    """An embedded ``LocalCluster`` with one worker process per mesh worker, each with
+    ``threads_per_worker`` Dask threads and as many BLAS, OpenMP and Numba threads."""
     from distributed import Client, LocalCluster
 
     # the nanny pins worker BLAS/OpenMP pools to 1 thread; a worker of T threads gets T
@@ -20,7 +21,12 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
                            processes=processes, dashboard_address=None, **extra,
                            scheduler_kwargs={"dashboard_address": ":0"},  # a free port
                            silence_logs=logging.ERROR)
-    return Client(cluster)
+    client = Client(cluster)
+    if processes:
+        from rapydli.scheduler.plugins import BlasThreads
+
+        client.register_plugin(BlasThreads(threads_per_worker))
+    return client
 
 
 def cuda_client(n_workers: int):
