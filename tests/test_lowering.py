@@ -296,3 +296,32 @@ def test_lowering_is_deterministic():
     b = lower(cnn(), hybrid(1, 2), 5, "train", OPTIMIZER)
     assert list(a.nodes) == list(b.nodes)
     assert list(a.edges(data="nbytes")) == list(b.edges(data="nbytes"))
+
+
+@pytest.mark.parametrize("placement", [data_parallel(2), hybrid(1, 2), model_parallel(3)],
+                         ids=["dp2", "hy12", "mp3"])
+def test_unrolled_graphs_keep_the_invariants(placement):
+    """k unrolled steps: still acyclic, sends at every worker crossing, and no op reads a weight
+    after its in-place update (step k+1 reads what step k's update wrote)."""
+    from rapydli.graph.unroll import unroll
+
+    graph = unroll(lower(cnn5(), placement, 6, "train", OPTIMIZER), 3)
+    graph.validate()
+    updates = graph.ops(kind="update")
+    assert len(updates) == 3 * len(lower(cnn5(), placement, 6, "train", OPTIMIZER)
+                                   .ops(kind="update"))
+    second = [op for op in updates if op.key.startswith("s1/")]
+    assert all(op.inputs[0].key.startswith("s0/") for op in second)  # chained, not re-read
+
+
+def test_validate_catches_a_read_after_an_in_place_update():
+    from rapydli.graph.ops import Ref, TileOp, identity_task
+
+    graph = lower(mlp(), data_parallel(2), 6, "train", OPTIMIZER)
+    update = graph.ops(kind="update")[0]
+    weight = update.inputs[0].key
+    # an op on the same worker that reads the weight but does not come before its update
+    graph.add_op(TileOp("late-reader", "forward", "forward", update.worker, identity_task,
+                        (Ref(weight),)))
+    with pytest.raises(AssertionError, match="in-place update"):
+        graph.validate()
