@@ -11,7 +11,8 @@ dtype; every function allocates and returns NEW arrays and never writes to
 its inputs. Integer arguments are Python ints (int64), so one specialisation
 per dtype is compiled. Parallel loops run over samples (or samples x
 channels); reductions over the batch go through per-lane partial sums, never
-through reassociation (``fastmath`` stays off).
+through reassociation (``fastmath`` stays off), except in :func:`conv_dw_s1` (see
+``_jit_reassoc``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ __all__ = [
     "bias_sum",
     "col2im",
     "conv_dw_direct",
+    "conv_dw_s1",
     "conv_dx_direct",
     "conv_dx_s1",
     "conv_forward_direct",
@@ -282,6 +284,129 @@ def conv_dx_s1(dy, w, h, wd):
                         j += 1
     return dx
 
+
+# Reductions that must vectorise (a dot product along one contiguous loop) need LLVM to
+# reorder the additions; only ``reassoc`` is enabled (no contraction, no finite-math
+# assumptions), and only for the kernels below. The order is fixed at compile time, so results
+# stay deterministic and independent of the thread count.
+_jit_reassoc = numba.njit(parallel=True, fastmath={"reassoc"}, cache=True, nogil=True)
+
+
+@_jit_reassoc
+def conv_dw_s1(x, dy, kh, kw):
+    """Stride-1 weight and bias gradients ``(dw (O, C, kh, kw), db (O,))``; parallel over samples.
+
+    ``dw[o, c, i, j] = sum_{n, p} dyw[n, o, p] * x_flat[n, c, p + i*W + j]``, ``p < L = (Ho-1)*W
+    + Wo``, with ``dyw`` the wide-row layout of ``dy`` (row stride ``W``, zero in the junk
+    columns) as in :func:`conv_forward_s1`: one contiguous dot-product loop per (sample, kernel
+    row), with ten scalar accumulators (five taps of the kernel row x two output channels, so
+    each loaded ``x`` feeds two multiply-adds), vectorised over ``p`` (see ``_jit_reassoc``).
+    Accumulates in the input dtype within one sample, then in float64: samples are split into
+    fixed blocks of about 8 (not one per thread), each with its own float64 partial sums,
+    reduced in block order at the end.
+    """
+    n_, c_, h, wd = x.shape
+    _, o_, ho, wo = dy.shape
+    span = (ho - 1) * wd + wo
+    span = (span + 15) // 16 * 16  # whole vectors; dy is zero-padded, x copied with a zero tail
+    xl = (kh - 1) * wd + kw + 4 + span
+    nch = (n_ + 7) // 8
+    part = np.zeros((nch, o_, c_, kh, kw), np.float64)
+    partb = np.zeros((nch, o_), np.float64)
+    zero = x.dtype.type(0)
+    for ch in prange(nch):
+        n0 = ch * n_ // nch
+        n1 = (ch + 1) * n_ // nch
+        gw = np.zeros(o_ * span, x.dtype)
+        xf = np.zeros(max(xl, h * wd), x.dtype)
+        for n in range(n0, n1):
+            for o in range(o_):
+                sb = 0.0
+                for r in range(ho):
+                    for t in range(wo):
+                        v = dy[n, o, r, t]
+                        gw[o * span + r * wd + t] = v
+                        sb += v
+                partb[ch, o] += sb
+            for c in range(c_):
+                xc = x[n, c]
+                for r in range(h):
+                    for t in range(wd):
+                        xf[r * wd + t] = xc[r, t]
+                for o in range(0, o_, 2):
+                    two = o + 1 < o_
+                    g = gw[o * span:]
+                    gb = gw[(o + 1) * span:] if two else g
+                    for i in range(kh):
+                        j = 0
+                        while j + 5 <= kw:
+                            s0 = xf[i * wd + j:]
+                            a0 = zero
+                            a1 = zero
+                            a2 = zero
+                            a3 = zero
+                            a4 = zero
+                            b0 = zero
+                            b1 = zero
+                            b2 = zero
+                            b3 = zero
+                            b4 = zero
+                            for p in range(span):
+                                gv = g[p]
+                                hv = gb[p]
+                                x0 = s0[p]
+                                x1 = s0[p + 1]
+                                x2 = s0[p + 2]
+                                x3 = s0[p + 3]
+                                x4 = s0[p + 4]
+                                a0 += gv * x0
+                                a1 += gv * x1
+                                a2 += gv * x2
+                                a3 += gv * x3
+                                a4 += gv * x4
+                                b0 += hv * x0
+                                b1 += hv * x1
+                                b2 += hv * x2
+                                b3 += hv * x3
+                                b4 += hv * x4
+                            part[ch, o, c, i, j] += a0
+                            part[ch, o, c, i, j + 1] += a1
+                            part[ch, o, c, i, j + 2] += a2
+                            part[ch, o, c, i, j + 3] += a3
+                            part[ch, o, c, i, j + 4] += a4
+                            if two:
+                                part[ch, o + 1, c, i, j] += b0
+                                part[ch, o + 1, c, i, j + 1] += b1
+                                part[ch, o + 1, c, i, j + 2] += b2
+                                part[ch, o + 1, c, i, j + 3] += b3
+                                part[ch, o + 1, c, i, j + 4] += b4
+                            j += 5
+                        while j < kw:
+                            s0 = xf[i * wd + j:]
+                            a0 = zero
+                            b0 = zero
+                            for p in range(span):
+                                a0 += g[p] * s0[p]
+                                b0 += gb[p] * s0[p]
+                            part[ch, o, c, i, j] += a0
+                            if two:
+                                part[ch, o + 1, c, i, j] += b0
+                            j += 1
+    dw = np.empty((o_, c_, kh, kw), x.dtype)
+    db = np.empty(o_, x.dtype)
+    for o in range(o_):
+        sb = 0.0
+        for ch in range(nch):
+            sb += partb[ch, o]
+        db[o] = sb
+        for c in range(c_):
+            for i in range(kh):
+                for j in range(kw):
+                    s = 0.0
+                    for ch in range(nch):
+                        s += part[ch, o, c, i, j]
+                    dw[o, c, i, j] = s
+    return dw, db
 
 # ------------------------------------------------------------------ convolution, im2col + BLAS
 # The window matrix is laid out (C*kh*kw, N*Ho*Wo): its rows are written and read along the

@@ -162,9 +162,14 @@ def conv2d_backward(
     n, c, h, wd = x.shape
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
     w, dy = contiguous(w), contiguous(dy)
-    db = nb.bias_sum(dy)  # (O,)
     dx = None
-    if _algo(c, w.shape[0], k, ho, wo) == "gemm":
+    algo = _algo(c, w.shape[0], k, ho, wo)
+    if s == (1, 1) and (algo == "direct" or (FORCE_ALGO is None and w.size <= _DW_S1_MAX)):
+        dw, db = nb.conv_dw_s1(xpad, dy, k[0], k[1])  # (O, C, kh, kw), (O,)
+        if need_dx:
+            dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
+    elif algo == "gemm":
+        db = nb.bias_sum(dy)  # (O,)
         cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
         dyt = nb.nop_to_onp(dy)  # (O, N*Ho*Wo)
         dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
@@ -174,6 +179,7 @@ def conv2d_backward(
             dcols = w.reshape(w.shape[0], -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
             dx = nb.col2im(dcols, n, c, xpad.shape[2], xpad.shape[3], k[0], k[1], s[0], s[1], ho, wo)
     else:
+        db = nb.bias_sum(dy)  # (O,)
         dw = nb.conv_dw_direct(xpad, dy, k[0], k[1], s[0], s[1])  # (O, C, kh, kw)
         if need_dx and s == (1, 1):
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
@@ -183,6 +189,10 @@ def conv2d_backward(
         dx = np.ascontiguousarray(dx[:, :, p[0] : p[0] + h, p[1] : p[1] + wd])  # (N, C, H, W)
     return dx, dw, db
 
+
+#: largest weight (O*C*kh*kw) whose stride-1 gradient skips im2col + GEMM for ``conv_dw_s1``
+#: (direct dot products, no window matrix); LeNet-5's conv2 has 2,400
+_DW_S1_MAX = 4096
 
 #: override of the algorithm choice ("direct" or "gemm"), for benchmarks and tests; None: automatic
 FORCE_ALGO: str | None = None
