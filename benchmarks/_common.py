@@ -160,37 +160,15 @@ def median(xs):
 # --- clusters -------------------------------------------------------------------------------
 
 
-def cluster_client(n_workers: int, threads_per_worker: int, blas_threads: int):
-    """``rapydli.scheduler.cluster.local_client`` whose workers get ``blas_threads`` BLAS threads.
-
-    distributed's nanny sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in every worker it spawns
-    (``distributed.nanny.pre-spawn-environ``) unless this process has them set, in which case
-    workers inherit this process's values, whatever ``threads_per_worker`` is. This sets both
-    for the workers of this cluster only (they read the variables when they start).
-    """
-    import dask
-    import distributed  # noqa: F401  (loads distributed's config defaults first)
+def cluster_client(n_workers: int, threads_per_worker: int):
+    """``rapydli.scheduler.cluster.local_client`` (workers get as many BLAS, OpenMP and Numba
+    threads as Dask threads), logs quietened, all workers up."""
+    import logging
 
     from rapydli.scheduler.cluster import local_client
 
-    import logging
-
     logging.getLogger("distributed").setLevel(logging.ERROR)
-    want = str(blas_threads)
-    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    env.update({v: want for v in THREAD_VARS})
-    # the nanny lets variables already set in this process win over its config, so set both
-    saved = {v: os.environ.get(v) for v in THREAD_VARS}
-    os.environ.update({v: want for v in THREAD_VARS})
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            client = local_client(n_workers, threads_per_worker=threads_per_worker)
-    finally:
-        for v, old in saved.items():
-            if old is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = old
+    client = local_client(n_workers, threads_per_worker=threads_per_worker)
     client.wait_for_workers(n_workers)
     return client
 

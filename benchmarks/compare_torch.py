@@ -254,7 +254,7 @@ def main() -> None:
     print(C.machine_line())
     client = None
     if args.cluster:
-        client = C.cluster_client(1, args.threads, args.threads)
+        client = C.cluster_client(1, args.threads)
         print(f"LocalCluster worker thread pools: {C.worker_blas_threads(client)}")
     try:
         compare(args, client)

@@ -105,8 +105,8 @@ def main() -> None:
     # --- runs -------------------------------------------------------------------------------
     inproc = C.make_engine(net, n_samples=args.samples)
     dp_local = C.in_process_engine(net, rd.data_parallel(2), n_samples=args.samples)
-    c1 = C.cluster_client(1, 2, 2)
-    c2 = C.cluster_client(2, 1, 1)
+    c1 = C.cluster_client(1, 2)
+    c2 = C.cluster_client(2, 1)
     print(f"worker thread pools: (b) {C.worker_blas_threads(c1)}; (c) {C.worker_blas_threads(c2)}")
     runs = {
         "(a) in-process, sync scheduler": (inproc, None, False),

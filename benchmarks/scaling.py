@@ -47,8 +47,8 @@ def main() -> None:
     import rapydli as rd
 
     print(C.machine_line())
-    c1 = C.cluster_client(1, 1, 1)
-    c2 = C.cluster_client(2, 1, 1)
+    c1 = C.cluster_client(1, 1)
+    c2 = C.cluster_client(2, 1)
     print(f"worker thread pools: 1-worker cluster {C.worker_blas_threads(c1)}; "
           f"2-worker cluster {C.worker_blas_threads(c2)}")
     cases = [("data parallel", C.mlp(), args.batch, args.steps, rd.data_parallel(2), 1.7)]

@@ -12,7 +12,7 @@ import pytest
 
 import rapydli as rd
 from rapydli.kernels import available_backends
-from rapydli.scheduler.engine import Engine, _wants_gpu, to_host
+from rapydli.scheduler.engine import Engine, _wants_gpu, _worker_resources, to_host
 
 needs_gpu = pytest.mark.skipif("cupy" not in available_backends(),
                                reason="needs CuPy and a CUDA device")
@@ -25,11 +25,12 @@ def test_workers_with_the_gpu_resource_compute_on_it():
                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"},
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         (address,) = client.scheduler_info()["workers"]
-        assert _wants_gpu("auto", client, address)
-        assert not _wants_gpu("cpu", client, address)
-    assert not _wants_gpu("auto", None, None) and _wants_gpu("gpu", None, None)
+        resources = _worker_resources(client)[address]
+        assert _wants_gpu("auto", resources)
+        assert not _wants_gpu("cpu", resources)
+    assert not _wants_gpu("auto", {}) and _wants_gpu("gpu", {})
     with pytest.raises(ValueError, match="'auto', 'cpu' or 'gpu'"):
-        _wants_gpu("tpu", None, None)
+        _wants_gpu("tpu", {})
 
 
 def test_to_host_leaves_numpy_alone():

@@ -46,7 +46,8 @@ class Engine:
         #: worker address of each mesh worker (``None`` in-process)
         self.workers: list = bind_workers(client, self.placement.mesh) if client else [None]
         #: per mesh worker: does it compute on a GPU (CuPy arrays)?
-        self.on_gpu: list[bool] = [_wants_gpu(device, client, w) for w in self.workers]
+        resources = _worker_resources(client)
+        self.on_gpu: list[bool] = [_wants_gpu(device, resources.get(w, {})) for w in self.workers]
         #: step plans by (batch, mode)
         self.plans: dict[tuple[int, str], StepPlan] = {}
         #: resident values: placeholder key -> Bound (future or in-process value, path)
@@ -103,11 +104,11 @@ class Engine:
             arrays["y"] = y.astype(np.int64) if self.network.loss.integer_labels else \
                 np.ascontiguousarray(y, dtype=self.dtype)
         for what, array in arrays.items():
-            for w, address in enumerate(self.workers):
-                self.data[(name, what, w)] = Bound(self._put(array, address))
+            for w in range(len(self.workers)):
+                self.data[(name, what, w)] = Bound(self._put(array, w))
 
-    def _put(self, array, address):
-        gpu = self.on_gpu[self.workers.index(address)]
+    def _put(self, array, worker: int):
+        gpu, address = self.on_gpu[worker], self.workers[worker]
         if self.client is None:
             return to_device(array) if gpu else array
         future = self.client.scatter(array, workers=[address], hash=False)
@@ -128,7 +129,7 @@ class Engine:
                     full = np.zeros_like(self._source[pkey])
             tile = np.array(full[relative(region, ((0, n) for n in full.shape))], order="C",
                             copy=True)
-            self.resident[key] = Bound(self._put(tile, self.workers[worker]))
+            self.resident[key] = Bound(self._put(tile, worker))
             self.resident_info[key] = info
         return self.resident[key]
 
@@ -230,16 +231,21 @@ def _fetch(value, path):
     return to_host(pick(value, path))
 
 
-def _wants_gpu(device: str, client, address) -> bool:
+def _worker_resources(client) -> dict[str, dict]:
+    """The Dask resources of every worker, by address (none in-process)."""
+    if client is None:
+        return {}
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return {address: info.get("resources", {}) for address, info in workers.items()}
+
+
+def _wants_gpu(device: str, resources: dict) -> bool:
     """Whether a worker computes on its GPU: asked for, or it has the Dask resource ``GPU``."""
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"device: expected 'auto', 'cpu' or 'gpu'; received {device!r}")
     if device != "auto":
         return device == "gpu"
-    if client is None:
-        return False
-    info = client.scheduler_info(n_workers=-1)["workers"].get(address, {})
-    return info.get("resources", {}).get("GPU", 0) > 0
+    return resources.get("GPU", 0) > 0
 
 
 def _leaves(outputs):
