@@ -249,20 +249,10 @@ def replay_ops(records, repeats: int = 5) -> dict:
 
 
 def in_process_engine(net, placement, fused=True, n_samples=2048, seed=0):
-    """An in-process engine (Dask sync scheduler) running a multi-worker ``placement``'s plan.
-
-    ``Engine`` refuses multi-worker placements without a client; this builds a single-worker
-    engine and swaps the placement in, with every mesh worker bound to this process, so the
-    per-worker ops of that plan can be captured and replayed (kernel time per worker).
-    """
-    engine = make_engine(net, None, None, fused=fused, n_samples=n_samples, seed=seed)
-    engine.placement = placement
-    engine.workers = [None] * placement.mesh.size
-    engine.plans.clear()
-    engine.data.clear()
-    engine.set_params(net.init(seed))
-    engine.set_data("train", *synthetic(net, n_samples, seed))
-    return engine
+    """An in-process engine (Dask sync scheduler, no client) running a multi-worker
+    ``placement``'s plan, every mesh worker being this process: its per-worker ops can be
+    captured and replayed (kernel time per worker)."""
+    return make_engine(net, placement, None, fused=fused, n_samples=n_samples, seed=seed)
 
 
 # --- output ---------------------------------------------------------------------------------

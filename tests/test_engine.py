@@ -134,3 +134,19 @@ def test_eval_every_evaluates_on_schedule_and_after_the_last_epoch(problem):
     history = rd.fit(net, x[:60], y[:60], optimizer=rd.SGD(lr=0.1), epochs=3, batch_size=30,
                      validation_data=(x[60:], y[60:]), eval_every=2)
     assert ["test_accuracy" in row for row in history.epochs] == [False, True, True]
+
+
+def test_in_process_engine_runs_a_multi_worker_plan(problem):
+    """Without a client every mesh worker is this process: the same numbers, no cluster."""
+    net, x, y = problem
+    params = net.init(1, np.float64)
+    loss, grads = rd.value_and_grad(net, params, x[:7], y[:7])
+    engine = Engine(net, rd.hybrid(2, 2), None, None, "float64")
+    engine.set_params(params)
+    engine.set_data("b", x[:7], y[:7])
+    out = engine.run("grad", np.arange(7), "b")
+    assert engine.value(out["metrics"])[0] == pytest.approx(loss, rel=1e-12)
+    for name, tiles in out["grads"].items():
+        for region, bound in tiles:
+            np.testing.assert_allclose(engine.value(bound), grads[name][tuple(
+                slice(a, b) for a, b in region)], rtol=1e-9, atol=1e-12)

@@ -5,8 +5,9 @@ plan's placeholders to what already lives on the workers (weight and optimizer-s
 datasets) and submits steps without waiting, so scheduling the next step overlaps computing
 this one. Weights reach the client only when asked for (:meth:`Engine.get_params`).
 
-Without a client the engine runs in-process on Dask's synchronous scheduler: the same plan,
-one worker, which is the reference every placement is compared with.
+Without a client the engine runs in-process on Dask's synchronous scheduler, every mesh worker
+being this process: with a one-worker placement that is the reference every placement is
+compared with; with a larger mesh it runs that placement's exact plan without a cluster.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import uuid
 import dask
 import numpy as np
 
-from rapydli.errors import PlacementError
 from rapydli.graph.lower import lower
 from rapydli.graph.ops import pick
 from rapydli.graph.tiles import relative
@@ -40,11 +40,9 @@ class Engine:
         self.client = client
         self.dtype = np.dtype(dtype)
         self.fused = fused
-        if client is None and self.placement.mesh.size > 1:
-            raise PlacementError(f"placement on {self.placement.mesh!r} needs a Dask client "
-                                 "with that many workers; pass client=... or use placement=None")
-        #: worker address of each mesh worker (``None`` in-process)
-        self.workers: list = bind_workers(client, self.placement.mesh) if client else [None]
+        #: worker address of each mesh worker (``None``: this process)
+        self.workers: list = (bind_workers(client, self.placement.mesh) if client else
+                              [None] * self.placement.mesh.size)
         #: per mesh worker: does it compute on a GPU (CuPy arrays)?
         resources = _worker_resources(client)
         self.on_gpu: list[bool] = [_wants_gpu(device, resources.get(w, {})) for w in self.workers]
