@@ -13,7 +13,6 @@ Each lowers the network under the placement, runs the step graph on Dask through
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,10 +21,8 @@ from rapydli.graph.tiles import relative
 from rapydli.optim import SGD
 from rapydli.scheduler.cluster import local_client
 from rapydli.scheduler.engine import Engine
-from rapydli.storage.datasets import batches
-
-#: most training steps submitted ahead of the one whose metrics were last collected
-MAX_IN_FLIGHT = 4
+from rapydli.storage.loader import ArraySource
+from rapydli.trainer import Trainer, evaluate_engine
 
 
 @contextlib.contextmanager
@@ -73,34 +70,31 @@ def value_and_grad(network, params, x, y, placement=None, client=None, dtype=Non
 
 @dataclass
 class History:
-    """Per-epoch metrics of a :func:`fit` run."""
+    """Per-epoch metrics of a :func:`fit` run, its final state, and what happened on the way."""
 
     epochs: list[dict] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     opt_state: dict = field(default_factory=dict)
+    #: lost workers and the step each recovery resumed from
+    events: list[dict] = field(default_factory=list)
+    #: records skipped as unusable (store sources), as :meth:`QualityReport.to_dict`
+    data_report: dict | None = None
 
     def __getitem__(self, key):
         return [row[key] for row in self.epochs]
 
 
-def _evaluate_engine(engine: Engine, name: str, n: int, batch_size: int) -> tuple[float, float]:
-    results = [engine.run("eval", np.arange(i, min(i + batch_size, n)), name)["metrics"]
-               for i in range(0, n, batch_size)]
-    total_loss = total_correct = 0.0
-    for i, bound in zip(range(0, n, batch_size), results):
-        loss, correct = engine.value(bound)
-        total_loss += loss * (min(i + batch_size, n) - i)
-        total_correct += correct
-    return total_loss / n, total_correct / n
-
-
-def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
+def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, params=None, opt_state=None,
         validation_data=None, client=None, dtype="float32", progress: bool = False,
-        on_epoch=None, fused: bool = True, steps_per_task: int = 1,
-        eval_every: int = 1) -> History:
-    """Train ``network`` on ``(x, y)``; returns a :class:`History` with the final params.
+        on_epoch=None, fused: bool = True, steps_per_task: int = 1, eval_every: int = 1,
+        checkpoints=None, checkpoint_every: int | None = None, resume=None,
+        on_checkpoint=None) -> History:
+    """Train ``network``; returns a :class:`History` with the final params.
 
+    ``x`` is an array of samples (with labels ``y``) or a source from
+    :mod:`rapydli.storage.loader` (e.g. a :class:`~rapydli.storage.loader.StoreSource`, whose
+    shards the workers read themselves); ``validation_data`` likewise, or ``(x, y)``.
     Steps are submitted ahead (up to ``MAX_IN_FLIGHT``) while earlier ones compute; the
     weights stay on the workers until the end. ``on_epoch(row)`` is called after each epoch
     with a dict of ``epoch``, ``loss``, ``train_accuracy``, ``test_accuracy`` (when
@@ -108,75 +102,38 @@ def fit(network, x, y, *, placement=None, optimizer=None, epochs: int = 1,
     The test split is evaluated every ``eval_every`` epochs and after the last one.
     ``steps_per_task > 1`` unrolls that many steps into one graph (see
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers.
+
+    With ``checkpoints`` (a :class:`~rapydli.storage.checkpoint.Checkpoints`), a checkpoint is
+    written every ``checkpoint_every`` steps and at the end; ``resume=(params, opt_state,
+    meta)`` from :func:`~rapydli.storage.checkpoint.load_checkpoint` continues such a run where
+    it stopped, with the same batches as a run that never stopped. With a client, a worker lost
+    mid-run is recovered from (see :mod:`rapydli.trainer`); ``History.events`` lists it.
     """
-    optimizer = optimizer or SGD()
-    rng = np.random.default_rng(seed)
-    params = params if params is not None else network.init(seed, dtype)
-    history = History()
+    source = x if hasattr(x, "epoch") else ArraySource(x, y)
     with _client_for(placement, client) as c:
-        engine = Engine(network, placement, optimizer, c, dtype, fused)
-        engine.set_params(params, opt_state)
-        engine.set_data("train", x, y)
-        if validation_data is not None:
-            engine.set_data("test", *validation_data)
-        bar = _progress(progress, epochs * -(-len(x) // batch_size))
-        for epoch in range(1, epochs + 1):
-            start = time.perf_counter()
-            loss, correct = _train_epoch(engine, len(x), batch_size, rng, bar, steps_per_task)
-            seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "loss": loss / len(x), "train_accuracy": correct / len(x),
-                   "samples_per_s": len(x) / seconds, "seconds": seconds}
-            if validation_data is not None and (epoch % eval_every == 0 or epoch == epochs):
-                row["test_loss"], row["test_accuracy"] = _evaluate_engine(
-                    engine, "test", len(validation_data[0]), batch_size)
-            history.epochs.append(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['train_accuracy']:.3f}")
-            if on_epoch is not None:
-                on_epoch(row)
-        if bar is not None:
-            bar.close()
-        history.params = engine.get_params()
-        history.opt_state = engine.get_opt_state()
-        engine.close()
-    return history
-
-
-def _chunks(batches: list[np.ndarray], k: int) -> list[list[np.ndarray]]:
-    """Runs of up to ``k`` consecutive batches of equal size (one unrolled graph each)."""
-    chunks: list[list[np.ndarray]] = []
-    for index in batches:
-        if chunks and len(chunks[-1]) < k and len(chunks[-1][0]) == len(index):
-            chunks[-1].append(index)
+        trainer = Trainer(network, source, placement=placement, optimizer=optimizer or SGD(),
+                          client=c, dtype=dtype, fused=fused, batch_size=batch_size, seed=seed,
+                          steps_per_task=steps_per_task, validation=validation_data,
+                          eval_every=eval_every, checkpoints=checkpoints,
+                          checkpoint_every=checkpoint_every, on_epoch=on_epoch,
+                          on_checkpoint=on_checkpoint)
+        if resume is not None:
+            trainer.restore(*resume)
         else:
-            chunks.append([index])
-    return chunks
-
-
-def _train_epoch(engine: Engine, n: int, batch_size: int, rng, bar,
-                 steps_per_task: int = 1) -> tuple[float, int]:
-    """One pass over the data; returns summed (loss * batch) and correct predictions."""
-    pending: list = []
-    loss_sum, correct = 0.0, 0
-
-    def collect():
-        nonlocal loss_sum, correct
-        bound, chunk = pending.pop(0)
-        values = engine.value(bound)
-        for (loss, n_correct), index in zip(values if len(chunk) > 1 else [values], chunk):
-            loss_sum += loss * len(index)
-            correct += n_correct
-        if bar is not None:
-            bar.update(len(chunk))
-
-    for chunk in _chunks(batches(n, batch_size, rng), steps_per_task):
-        pending.append((engine.run("train", chunk if len(chunk) > 1 else chunk[0],
-                                   "train")["metrics"], chunk))
-        if len(pending) > max(1, MAX_IN_FLIGHT // steps_per_task):
-            collect()
-    while pending:
-        collect()
-    return loss_sum, correct
+            trainer.restore(params if params is not None else network.init(seed, dtype),
+                            opt_state, None)
+        remaining = max(0, epochs - trainer.epoch + 1) * -(-len(source) // batch_size)
+        trainer.bar = _progress(progress, remaining)
+        try:
+            trainer.run(epochs)
+        finally:
+            if trainer.bar is not None:
+                trainer.bar.close()
+        history = History(trainer.rows, trainer.engine.get_params(),
+                          trainer.engine.get_opt_state(), trainer.events,
+                          source.report.to_dict() if source.report is not None else None)
+        trainer.engine.close()
+    return history
 
 
 def _progress(enabled: bool, total: int):
@@ -195,7 +152,7 @@ def evaluate(network, params, x, y, *, placement=None, client=None, batch_size: 
         engine = Engine(network, placement, None, c, dtype)
         engine.set_params(params)
         engine.set_data("eval", x, y)
-        result = _evaluate_engine(engine, "eval", len(x), batch_size)
+        result = evaluate_engine(engine, "eval", len(x), batch_size)
         engine.close()
     return result
 

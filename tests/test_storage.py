@@ -8,7 +8,7 @@ import pytest
 
 from rapydli.config import DataConfig
 from rapydli.errors import ConfigError, DataError
-from rapydli.storage import checkpoint
+from rapydli.storage import atomic, checkpoint
 from rapydli.storage.checkpoint import load_checkpoint, save_checkpoint
 from rapydli.storage.datasets import Dataset, batches, load_dataset, synthetic, validate_arrays
 
@@ -201,7 +201,7 @@ def test_failed_replace_keeps_previous_checkpoint(tmp_path, monkeypatch):
         calls.append((src, dst))
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, *_state(np.float64, seed=1), {"epoch": 2})
     assert len(calls) == 1 and os.path.dirname(calls[0][0]) == str(tmp_path)
@@ -212,7 +212,7 @@ def test_failed_replace_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_first_save_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: (_ for _ in ()).throw(
+    monkeypatch.setattr(atomic.os, "replace", lambda src, dst: (_ for _ in ()).throw(
         OSError("crash")))
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "run", *_state(np.float32), {})
@@ -222,9 +222,9 @@ def test_failed_first_save_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_write_is_fsynced_before_replace(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (events.append("fsync"),
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append("fsync"),
                                                            real_fsync(fd))[1])
-    monkeypatch.setattr(checkpoint.os, "replace", lambda s, d: (events.append("replace"),
+    monkeypatch.setattr(atomic.os, "replace", lambda s, d: (events.append("replace"),
                                                                real_replace(s, d))[1])
     save_checkpoint(tmp_path, *_state(np.float32), {})
     assert events[:2] == ["fsync", "replace"]

@@ -118,7 +118,8 @@ class _Lowering:
         data = self.placeholder(f"$data:{what}@{worker}", ("data", what, worker), worker)
         index = self.placeholder("$index", ("index",), None)
         self.graph.add_op(TileOp(name, "load", "input", worker, ops.load_region, (data, index),
-                                 dict(region=region, dtype=dtype), shape=shape_of(region),
+                                 dict(region=region, dtype=dtype, worker=worker),
+                                 shape=shape_of(region),
                                  nbytes=nbytes(region, np.dtype(dtype).itemsize)))
         return Ref(name, (), nbytes(region, np.dtype(dtype).itemsize))
 

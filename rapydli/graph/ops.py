@@ -62,9 +62,16 @@ def pick(value, path: tuple):
 # --- functions the ops run; pure functions of arrays ------------------------------------------
 
 
-def load_region(data, index, *, region: Region, dtype):
-    """The batch rows ``index[batch range]`` of ``data``, cut to ``region`` with zero padding."""
+def load_region(data, index, *, region: Region, dtype, worker: int | None = None):
+    """The batch rows ``index[batch range]`` of ``data``, cut to ``region`` with zero padding.
+
+    ``index`` is one row of sample numbers shared by every worker, ``(batch,)``, or one row per
+    mesh worker, ``(n_workers, batch)``, when each worker holds different data (shards it read
+    itself) and numbers its samples its own way.
+    """
     b0, b1 = region[0]
+    if index.ndim == 2:
+        index = index[worker]  # (batch,): this worker's numbering
     rows = data[index[b0:b1]]  # (n, *sample shape)
     held = ((b0, b1), *((0, n) for n in rows.shape[1:]))
     piece = intersect(region, held)

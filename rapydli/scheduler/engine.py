@@ -105,6 +105,33 @@ class Engine:
             for w in range(len(self.workers)):
                 self.data[(name, what, w)] = Bound(self._put(array, w))
 
+    def bind_data(self, name: str, per_worker: dict[int, tuple[Bound, Bound | None]]) -> None:
+        """Use data already on the workers as dataset ``name``: ``{worker: (x, y)}``.
+
+        Each mesh worker may hold different samples (shards it read itself); steps on such data
+        take an index with one row per worker (see :func:`rapydli.graph.ops.load_region`).
+        """
+        for w in range(len(self.workers)):
+            if w not in per_worker:
+                raise ValueError(f"bind_data {name!r}: no data for mesh worker {w}; expected one "
+                                 f"entry per worker 0..{len(self.workers) - 1}")
+            x, y = per_worker[w]
+            self.data[(name, "x", w)] = x
+            if y is not None:
+                self.data[(name, "y", w)] = y
+
+    def drop_data(self, name: str) -> None:
+        """Forget dataset ``name``; workers free it once no submitted step needs it."""
+        for key in [k for k in self.data if k[0] == name]:
+            del self.data[key]
+
+    def batch_ranges(self, batch: int, mode: str = "train") -> list[set[tuple[int, int]]]:
+        """Per mesh worker, the batch rows its step reads, as ``(start, stop)`` ranges."""
+        ranges: list[set[tuple[int, int]]] = [set() for _ in self.workers]
+        for op in self.plan(batch, mode).graph.ops(kind="load"):
+            ranges[op.worker].add(tuple(op.kwargs["region"][0]))
+        return ranges
+
     def _put(self, array, worker: int):
         gpu, address = self.on_gpu[worker], self.workers[worker]
         if self.client is None:
@@ -145,7 +172,8 @@ class Engine:
             raise RuntimeError("set_params(...) before running steps")
         batches = [np.asarray(i, dtype=np.int64) for i in index] if isinstance(index, list) \
             else [np.asarray(index, dtype=np.int64)]
-        plan = self.plan(len(batches[0]), mode, len(batches))
+        plan = self.plan(batches[0].shape[-1], mode, len(batches))  # index: (batch,) or
+        # (n_workers, batch) when each worker numbers its own samples
         bindings = {}
         for key, info in plan.placeholders.items():
             if info[0] == "index":

@@ -1,6 +1,8 @@
 """Checkpoints: parameters, optimizer state and JSON metadata in one ``.npz``, written atomically.
 
-A checkpoint is ``<directory>/checkpoint.npz`` with entries ``param/<name>``, ``state/<name>``,
+A checkpoint is ``<directory>/checkpoint.npz`` (:func:`save_checkpoint`), or one of the rotating
+``<directory>/ckpt-<step>.npz`` files a run writes every N steps (:class:`Checkpoints`, the last K
+kept), with entries ``param/<name>``, ``state/<name>``,
 ``meta`` (UTF-8 JSON as ``uint8`` bytes) and ``version``. It is written to a temporary file in
 the same directory, flushed and fsynced, then renamed over the final name, so a crash leaves
 either the old checkpoint or the new one, never a torn file. Nothing is pickled.
@@ -15,8 +17,6 @@ either the old checkpoint or the new one, never a torn file. Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 
 from rapydli.errors import ConfigError, DataError
+from rapydli.storage.atomic import atomic_write
 
 FILENAME = "checkpoint.npz"
+#: name of rotating checkpoints; the step number sorts them
+ROTATING = "ckpt-{step:09d}.npz"
 #: bumped when the layout of entries changes
 VERSION = 1
 _PREFIXES = {"param/": 0, "state/": 1}
@@ -48,20 +51,6 @@ def _entries(params: dict, opt_state: dict, meta: dict) -> dict[str, np.ndarray]
     entries["meta"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     entries["version"] = np.array(VERSION, dtype=np.int64)
     return entries
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable; not possible on every platform (Windows), so best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(directory: str | Path, params: dict[str, np.ndarray],
@@ -88,22 +77,11 @@ def save_checkpoint(directory: str | Path, params: dict[str, np.ndarray],
     >>> save_checkpoint(tempfile.mkdtemp(), {"w": np.zeros(3)}, {}, {}).name
     'checkpoint.npz'
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = _entries(params, opt_state, meta)
-    final = directory / FILENAME
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **entries)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
-    return final
+    return _write(Path(directory), FILENAME, _entries(params, opt_state, meta))
+
+
+def _write(directory: Path, name: str, entries: dict) -> Path:
+    return atomic_write(directory / name, lambda file: np.savez(file, **entries))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
@@ -135,6 +113,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     """
     path = Path(path)
     if path.is_dir() or not path.suffix:
+        rotating = Checkpoints(path).paths()
+        if rotating:  # the newest readable one; an older one if the newest cannot be read
+            for candidate in reversed(rotating):
+                try:
+                    return load_checkpoint(candidate)
+                except DataError:
+                    if candidate == rotating[0]:
+                        raise
         path = path / FILENAME
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r}: file not found; expected a directory "
@@ -164,3 +150,40 @@ def _unpack(entries: dict[str, np.ndarray], path: Path):
                             "state/<name>, meta, version")
         parts[_PREFIXES[prefix]][key[6:]] = array
     return parts[0], parts[1], meta
+
+
+class Checkpoints:
+    """Rotating checkpoints of a run: ``ckpt-<step>.npz`` in ``directory``, the last ``keep`` kept.
+
+    Each is written like :func:`save_checkpoint` (temporary file, fsync, rename), so a process
+    killed while writing leaves every earlier checkpoint readable; a stray temporary file is
+    never taken for a checkpoint.
+
+    >>> import tempfile
+    >>> ckpts = Checkpoints(tempfile.mkdtemp(), keep=2)
+    >>> for step in (10, 20, 30):
+    ...     _ = ckpts.save(step, {"w": np.full(2, step)}, {}, {"step": step})
+    >>> [p.name for p in ckpts.paths()]
+    ['ckpt-000000020.npz', 'ckpt-000000030.npz']
+    >>> load_checkpoint(ckpts.directory)[2]
+    {'step': 30}
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ConfigError(f"checkpoints: keep must be a positive int; received {keep!r}")
+        self.directory, self.keep = Path(directory), keep
+
+    def paths(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("ckpt-*.npz") if p.name[5:-4].isdigit())
+
+    def save(self, step: int, params: dict, opt_state: dict, meta: dict) -> Path:
+        """Write the checkpoint of ``step``, then delete all but the newest ``keep``."""
+        path = _write(self.directory, ROTATING.format(step=int(step)),
+                      _entries(params, opt_state, meta))
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return path
