@@ -79,7 +79,8 @@ class Trainer:
         """The JSON part of a snapshot: position, running sums, history, data position."""
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step,
                 "seed": self.seed, "rng": f"numpy default_rng([{self.seed}, epoch])",
-                "sums": list(self.sums), "history": self.rows, "events": self.events,
+                "sums": list(self.sums), "history": [dict(r) for r in self.rows],
+                "events": [dict(e) for e in self.events],
                 "data": self.source.position(), "network": self.network.get_config()}
 
     def restore(self, params, opt_state, meta: dict | None) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from rapydli.config import DataConfig
 from rapydli.errors import ConfigError, DataError
-from rapydli.storage import atomic, checkpoint
+from rapydli.storage import atomic
 from rapydli.storage.checkpoint import load_checkpoint, save_checkpoint
 from rapydli.storage.datasets import Dataset, batches, load_dataset, synthetic, validate_arrays
 
