@@ -111,9 +111,32 @@ class DataConfig:
     test_fraction: float = 0.2  #: share of samples held out for evaluation, in (0, 1)
     seed: int = 0  #: seeds the split (and the generator of ``synthetic``)
     n_samples: int | None = None  #: ``None``: all of digits, 600 synthetic samples
+    #: a sharded store (path or fsspec URL, see :mod:`rapydli.storage.records`) to train from
+    #: instead of ``name``; its shards are read by the workers, split by hash of record key
+    store: str | None = None
+    #: fsspec options for ``store`` (endpoint, credentials), e.g. ``{anon: true}``
+    storage_options: Mapping | None = field(default=None, compare=False, hash=False)
+    distribution: str = "round_robin"  #: shards -> data groups (``storage.policies``)
+    labels: tuple[int, ...] | None = None  #: use only records with these labels
+    ranges: tuple[tuple[int, int], ...] | None = None  #: use only these record positions
+    max_skipped: float = 0.01  #: largest share of unusable records before the run stops
 
     def __post_init__(self):
         _check_choice(self.name, DATASETS, "data.name", "data set")
+        if self.store is not None and (not isinstance(self.store, str) or not self.store):
+            raise ConfigError(f"data.store: expected a path or URL string such as "
+                              f"runs/digits-store or s3://bucket/prefix; received {self.store!r}")
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError(f"data.storage_options: expected a mapping of fsspec options; "
+                              f"received {self.storage_options!r}")
+        from rapydli.storage.policies import DISTRIBUTIONS
+
+        _check_choice(self.distribution, DISTRIBUTIONS, "data.distribution", "distribution")
+        skipped = self.max_skipped
+        if isinstance(skipped, bool) or not isinstance(skipped, (int, float)) \
+                or not 0 <= skipped <= 1:
+            raise ConfigError(f"data.max_skipped: expected a fraction in [0, 1], e.g. 0.01; "
+                              f"received {skipped!r}")
         frac = self.test_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
             raise ConfigError(f"data.test_fraction: expected a number in (0, 1), e.g. 0.2; "
@@ -185,8 +208,13 @@ class TrainConfig:
     seed: int = 0  #: seeds parameter initialisation and batch shuffling
     dtype: str = "float32"  #: ``"float32"`` or ``"float64"``, for parameters and data
     eval_every: int = 1  #: evaluate on the test split every this many epochs
+    checkpoint_every: int | None = None  #: steps between checkpoints (``None``: every epoch)
+    keep_checkpoints: int = 3  #: newest checkpoints kept in the run directory
 
     def __post_init__(self):
+        if self.checkpoint_every is not None:
+            _check_int(self.checkpoint_every, "train.checkpoint_every")
+        _check_int(self.keep_checkpoints, "train.keep_checkpoints")
         _check_int(self.epochs, "train.epochs")
         _check_int(self.batch_size, "train.batch_size")
         _check_int(self.seed, "train.seed", minimum=0)

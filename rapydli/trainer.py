@@ -130,7 +130,7 @@ class Trainer:
                 self._epoch(epochs)
             except errors as exc:
                 self._recover(exc)
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self._saved_step != self.step:
             self.take_snapshot(save=True)
 
     def _epoch(self, epochs: int) -> None:
@@ -184,7 +184,8 @@ class Trainer:
         if self.on_epoch is not None:
             self.on_epoch(row)
         if self.client is not None or self.checkpoints is not None:
-            self.take_snapshot(save=False)  # what a lost worker rolls back to
+            # what a lost worker rolls back to; on disk too when there is no step cadence
+            self.take_snapshot(save=self.checkpoint_every is None)
 
     def _recover(self, exc: BaseException) -> None:
         params, opt_state, meta = self.snapshot
@@ -210,10 +211,13 @@ def _chunks(steps, k: int):
     chunk: list = []
     for name, index in steps:
         index = np.asarray(index, dtype=np.int64)
-        if chunk and (len(chunk) == k or chunk[0][0] != name or chunk[0][1].shape != index.shape):
+        if chunk and (chunk[0][0] != name or chunk[0][1].shape != index.shape):
             yield chunk
             chunk = []
         chunk.append((name, index))
+        if len(chunk) == k:  # submitted before the source is asked for more
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 

@@ -24,3 +24,50 @@ def client():
     yield c
     c.close()
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def s3_options():
+    """s3fs ``storage_options`` for a local moto S3 server that runs for the whole session.
+
+    Tests make their own buckets (``s3fs.S3FileSystem(**s3_options).mkdir(name)``). Skips when
+    ``s3fs`` or ``moto_server`` (``pip install 'moto[server]'``) is missing.
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    pytest.importorskip("s3fs")
+    exe = shutil.which("moto_server")
+    if exe is None:
+        pytest.skip("moto_server is not installed; pip install 'moto[server]'")
+    with socket.socket() as sock:  # a free port; the server binds it a moment later
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing")
+    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"moto_server did not start on {url}")
+                time.sleep(0.1)
+        # no region_name: with one, moto refuses to create buckets
+        yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url}}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

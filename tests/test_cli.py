@@ -64,7 +64,7 @@ def test_train_writes_metrics_checkpoint_and_curve(tiny_config, tmp_path):
     params, state, meta = load_checkpoint(out)
     assert params["3.weight"].shape == (16, 64) and params["0.weight"].shape == (4, 1, 3, 3)
     assert set(state) == {f"velocity/{k}" for k in params}
-    assert meta["epoch"] == 3
+    assert (meta["epoch"], meta["epoch_step"], len(meta["history"])) == (4, 0, 3)  # next to run
     assert (out / "loss.png").exists()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -63,19 +64,27 @@ class ArraySource:
         return {}
 
 
-def read_shard(url: str, shard: str, storage_options, subset: Subset | None, offset: int):
+class ShardRows(NamedTuple):
+    """A shard's records a run uses, as held on the worker that read it."""
+
+    x: np.ndarray  #: (n, *record shape)
+    y: np.ndarray  #: (n,) int64
+    keys: tuple
+    skipped: tuple  #: (key, reason) of unusable records, whatever the subset
+    n_read: int  #: records attempted
+
+
+def read_shard(url: str, shard: str, storage_options, subset: Subset | None,
+               offset: int) -> ShardRows:
     """Runs on the worker that owns ``shard``: its usable records, filtered by ``subset``."""
     from rapydli.storage import records  # back ends load only where shards are read
 
     data = records.load_shard(url, shard, storage_options)
     if subset is None or subset.everything:
-        return data
+        return ShardRows(data.x, data.y, data.keys, data.skipped, data.n_read)
     keep = subset.keep(data.keys, data.y, offset)
-    return records.ShardData(
-        x=np.ascontiguousarray(data.x[keep]), y=data.y[keep],
-        keys=tuple(k for k, m in zip(data.keys, keep) if m),
-        meta=tuple(v for v, m in zip(data.meta, keep) if m),
-        skipped=data.skipped, n_read=data.n_read)
+    return ShardRows(np.ascontiguousarray(data.x[keep]), data.y[keep],
+                     tuple(k for k, m in zip(data.keys, keep) if m), data.skipped, data.n_read)
 
 
 def shard_summary(data) -> tuple[int, tuple, int]:
@@ -155,6 +164,7 @@ class StoreSource:
         self.readers: dict[str, int] = {}
         self._shards: tuple[str, ...] = ()
         self._epoch = self._step = 0
+        self._bound: collections.deque = collections.deque()  #: windows bound, oldest first
 
     def __len__(self) -> int:
         return len(self.store)
@@ -221,7 +231,6 @@ class StoreSource:
                         offset += n_steps * sizes[g]
                 self._step += 1
                 yield name, index
-            engine.drop_data(name)
             k += 1
 
     def _last_batch(self, engine, stream: _Stream, k: int):
@@ -231,7 +240,6 @@ class StoreSource:
         self._bind_window(engine, name, [stream.take(n)], [[0] if w else [] for w in needs])
         self._step += 1
         yield name, np.tile(np.arange(n, dtype=np.int64), (len(needs), 1))
-        engine.drop_data(name)
 
     def _fill(self, engine, stream: _Stream, owners: list[int], wanted: int, offsets, rng):
         """Read shards until the stream holds ``wanted`` rows or runs dry; keep reads ahead."""
@@ -245,7 +253,7 @@ class StoreSource:
         while stream.n_rows < wanted and stream.reading:
             name, future, worker = stream.reading.popleft()
             n, skipped, n_read = _result(_submit(engine, worker, shard_summary, future))
-            self.report.add_counts(self.url, name, n_read, skipped)
+            self.report.add(self.url, name, _Counts(n_read, skipped))
             self._check()
             if n:
                 stream.rows.append((future, rng.permutation(n)))
@@ -254,6 +262,10 @@ class StoreSource:
                 self._fill(engine, stream, owners, 0, offsets, rng)  # keep `prefetch` in flight
 
     def _bind_window(self, engine, name: str, pieces: list[list], needs: list[list[int]]):
+        # a caller may still hold steps of the previous window: forget only the one before it
+        self._bound.append(name)
+        while len(self._bound) > 2:
+            engine.drop_data(self._bound.popleft())
         per_worker = {}
         for w, wanted in enumerate(needs):
             futures, layout = [], []
@@ -287,7 +299,7 @@ class StoreSource:
             future = _submit(engine, worker, read_shard, self.url, shard, self.storage_options,
                              self.subset, offsets[i])
             n, skipped, n_read = _result(_submit(engine, worker, shard_summary, future))
-            self.report.add_counts(self.url, shard, n_read, skipped)
+            self.report.add(self.url, shard, _Counts(n_read, skipped))
             if n:
                 reads.append((future, np.arange(n)))
         self._check()
@@ -296,6 +308,13 @@ class StoreSource:
                             "subset (ranges, fraction, labels) and the store's contents")
         self._bind_window(engine, name, [reads], [[0]] * len(engine.workers))
         return sum(len(p) for _, p in reads)
+
+
+class _Counts(NamedTuple):
+    """What :class:`QualityReport` needs of a shard read on a worker."""
+
+    n_read: int
+    skipped: tuple
 
 
 def _layout(engine, batch: int):
