@@ -110,3 +110,97 @@ def test_train_on_an_existing_scheduler(tiny_config, tmp_path, monkeypatch):
                      "--out", str(out), "--no-progress", "--epochs", "1",
                      "--steps-per-task", "2"]) == 0
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+STORE_CONFIG = textwrap.dedent("""
+    data: {{store: {store}, test_fraction: 0.2, seed: 0, distribution: balanced}}
+    network:
+      input_shape: [1, 8, 8]
+      layers:
+        - {{type: Flatten}}
+        - {{type: Dense, units: 32, activation: relu}}
+        - {{type: Dense, units: 10}}
+    optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}
+    train: {{epochs: 3, batch_size: 64, seed: 0, checkpoint_every: 10, keep_checkpoints: 2}}
+    placement: {{preset: single}}
+""")
+
+
+def test_data_import_inspect_train_from_the_store_and_export(tmp_path, capsys):
+    """The storage path end to end on the command line: digits -> LMDB shards -> a run that
+    reads them -> report.json -> an ONNX model whose outputs match rapydli.predict."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    store = tmp_path / "digits-lmdb"
+    assert main(["data", "import", "digits", str(store), "--format", "lmdb", "--shards", "3",
+                 "--partition", "round_robin"]) == 0
+    assert main(["data", "inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "1797" in out and "shard-00002" in out and "lmdb" in out
+    config = tmp_path / "store.yaml"
+    config.write_text(STORE_CONFIG.format(store=store))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--no-progress"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["data"]["n_skipped"] == 0 and report["events"] == []
+    assert report["final"]["test_accuracy"] > 0.85
+    assert len(list(run.glob("ckpt-*.npz"))) == 2  # keep_checkpoints
+    assert main(["export", str(run), "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+
+    import rapydli as rd
+    from rapydli.storage.export import network_from_config
+
+    params, _, meta = load_checkpoint(run)
+    net = network_from_config(meta["network"])
+    x = np.random.default_rng(0).random((50, 1, 8, 8), dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    (onnx_out,) = session.run(None, {"input": x})
+    np.testing.assert_allclose(onnx_out, rd.predict(net, params, x), atol=1e-5)
+
+
+def test_bad_store_location_is_named(tmp_path, capsys):
+    config = tmp_path / "store.yaml"
+    config.write_text(STORE_CONFIG.format(store=tmp_path / "nowhere"))
+    assert main(["train", str(config), "--no-progress"]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+RESUME_CONFIG = TINY.replace("train: {epochs: 3, batch_size: 32, seed: 0}",
+                             "train: {epochs: 3, batch_size: 32, seed: 0, dtype: float64, "
+                             "checkpoint_every: 4}").replace(
+    "placement: {preset: hybrid, mesh: {data: 1, model: 2}}", "placement: {preset: single}")
+
+
+def test_train_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    """A real SIGKILL of `rapydli train` after its first checkpoint, then `--resume`: the final
+    weights equal an uninterrupted run's bit for bit (one worker, float64)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "resume.yaml"
+    config.write_text(RESUME_CONFIG)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", str(config), "--out", str(whole), "--no-progress"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "rapydli.cli", "train", str(config), "--out",
+                             str(cut), "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cut.glob("ckpt-*.npz")) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    _, _, meta = load_checkpoint(cut)
+    assert meta["step"] < 18, "the run finished before it could be killed"
+    assert main(["train", str(config), "--resume", str(cut), "--no-progress"]) == 0
+    done, _, done_meta = load_checkpoint(cut)
+    reference, _, ref_meta = load_checkpoint(whole)
+    assert done_meta["step"] == ref_meta["step"] == 18  # 192 train samples / 32 * 3 epochs
+    for name, value in reference.items():
+        np.testing.assert_array_equal(done[name], value)
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
