@@ -156,6 +156,8 @@ class _Lowering:
                                   self.itemsize))
                 params = tuple((p, f"{layer.name}.{p}", r)
                                for p, r in layer.param_regions(region, in_s).items())
+                for _, pkey, preg in params:  # tiles computing with each weight region
+                    self.uses[(pkey, preg)] = self.uses.get((pkey, preg), 0) + 1
                 tile = _Tile(region, worker, x, need, params)
                 key = f"{layer.name}/fwd/t{t}"
                 size = nbytes(region, self.itemsize)
@@ -216,19 +218,44 @@ class _Lowering:
                                   grads, self.dtype, self.itemsize, add=True, phase="comm")
                 key = f"{layer.name}/bwd/t{t}"
                 refs = tuple(self.param_ref(k, r, tile.worker) for _, k, r in tile.params)
+                kwargs = dict(layer=layer, names=tuple(p for p, _, _ in tile.params),
+                              need_dx=i > 0)
+                fused = self.fused_update(layer, tile)
+                if fused:
+                    kwargs["optimizer"] = self.optimizer
                 self.graph.add_op(TileOp(
-                    key, "backward", "backward", tile.worker, ops.backward_task,
-                    (tile.x, tile.y, dy, *refs),
-                    dict(layer=layer, names=tuple(p for p, _, _ in tile.params), need_dx=i > 0),
-                    layer.name, tile.x_region,
+                    key, "backward", "backward", tile.worker,
+                    ops.backward_update_task if fused else ops.backward_task,
+                    (tile.x, tile.y, dy, *refs), kwargs, layer.name, tile.x_region,
                     flops=2 * layer.flops(shape_of(tile.region), self.network.shapes[i][0])))
                 size = nbytes(tile.x_region, self.itemsize)
                 new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
+                if fused:  # updated in place by the backward op itself: no reduction, no update
+                    for j, (_, _, region) in enumerate(tile.params):
+                        self.fused_values[refs[j].key] = Ref(key, (1, j),
+                                                              nbytes(region, self.itemsize))
+                    continue
                 for j, (_, pkey, region) in enumerate(tile.params):
                     ref = Ref(key, (1, j), nbytes(region, self.itemsize))
                     partials.setdefault((pkey, region), []).append((ref, tile.worker))
             grads = new_grads
         return partials
+
+    def fused_update(self, layer, tile: _Tile) -> bool:
+        """Whether this tile's backward op can apply its own update, in place.
+
+        It can when the layer offers ``backward_update``, the step trains with an optimizer that
+        keeps no state, and each of the tile's weight regions is computed by this tile alone on
+        one worker (nothing to reduce, no replica to keep in step): the weights of a spatially
+        split locally connected layer, say. Then gradients are consumed as they are made and
+        the step never holds a second copy of those weights.
+        """
+        if self.mode != "train" or not tile.params or not hasattr(layer, "backward_update"):
+            return False
+        if self.optimizer is None or self.optimizer.slots:
+            return False
+        return all(self.replicas[(pkey, region)] == {tile.worker}
+                   and self.uses[(pkey, region)] == 1 for _, pkey, region in tile.params)
 
     def reduce_and_update(self, partials: dict) -> None:
         grads_out: dict[str, list] = {}
@@ -258,7 +285,7 @@ class _Lowering:
                 for k, s in enumerate(state):
                     new_values[s.key] = Ref(key, (1 + k,), size)
         self.outputs["grads"] = grads_out
-        self.outputs["new_values"] = new_values
+        self.outputs["new_values"] = {**new_values, **self.fused_values}
 
     def predictions(self, last_tiles: list[_Tile]) -> None:
         outs = []
@@ -270,6 +297,10 @@ class _Lowering:
 
     def run(self) -> TileGraph:
         self.outputs: dict = {}
+        #: number of output tiles that compute with each (weight, region)
+        self.uses: dict[tuple[str, Region], int] = {}
+        #: weight placeholders updated inside backward ops -> the op output holding them
+        self.fused_values: dict[str, Ref] = {}
         layers_tiles, sources = self.forward()
         if self.mode == "predict":
             self.predictions(layers_tiles[-1])

@@ -147,6 +147,15 @@ def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: boo
     return dx, tuple(grads[n] for n in names)
 
 
+def backward_update_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: bool,
+                         optimizer):
+    """``(dx, (new param, ...))``: the layer's gradients applied to its parameters in place as
+    they are computed, so no gradient the size of the weights ever exists (see
+    :meth:`rapydli.graph.lower._Lowering.fused_update`)."""
+    dx, new = layer.backward_update(x, y, dict(zip(names, params)), dy, need_dx, optimizer)
+    return dx, tuple(new[n] for n in names)
+
+
 def loss_task(pred, target, *, loss, scale: float, backward: bool = True):
     """``(loss, dpred or None, n_correct)`` for one batch tile."""
     value, dpred, n_correct = loss(pred, target, scale)

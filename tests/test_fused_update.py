@@ -1,0 +1,59 @@
+"""Backward ops that apply their own update in place (weights consumed by their update on the
+worker that owns them): same numbers, no update ops, no gradient outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import rapydli as rd
+from rapydli.graph.lower import lower
+from rapydli.storage.datasets import synthetic
+
+
+@dataclass(frozen=True)
+class SelfUpdatingDense(rd.Dense):
+    """A Dense layer whose backward applies plain SGD to its own tile, as a fused kernel would."""
+
+    def backward_update(self, x, y, params, dy, need_dx, optimizer):
+        dx, grads = self.backward(x, y, params, dy, need_dx)
+        for name, grad in grads.items():
+            params[name] -= optimizer.lr * grad  # in place: the resident tile itself
+        return dx, params
+
+
+def _nets():
+    def net(cls):
+        return rd.Sequential([rd.Flatten(), cls(24, activation="relu"), cls(10)],
+                             input_shape=(1, 8, 8))
+    return net(rd.Dense), net(SelfUpdatingDense)
+
+
+def test_model_parallel_tiles_update_inside_their_backward_op():
+    plain, fused = _nets()
+    graph = lower(fused, rd.model_parallel(2), 16, "train", rd.SGD(lr=0.1))
+    assert graph.ops(kind="update") == []
+    assert {op.fn.__name__ for op in graph.ops(kind="backward") if op.layer != "0"} == {
+        "backward_update_task"}
+    reference = lower(plain, rd.model_parallel(2), 16, "train", rd.SGD(lr=0.1))
+    assert len(reference.ops(kind="update")) == 8  # 2 layers x (weight, bias) x 2 tiles
+
+
+def test_replicated_or_stateful_weights_keep_the_separate_update():
+    _, fused = _nets()
+    for placement, optimizer in ((rd.data_parallel(2), rd.SGD(lr=0.1)),
+                                 (rd.model_parallel(2), rd.SGD(lr=0.1, momentum=0.9))):
+        graph = lower(fused, placement, 16, "train", optimizer)
+        assert graph.ops(kind="update"), (placement, optimizer)
+
+
+def test_fused_updates_train_like_separate_ones(client):
+    x, y = synthetic(96, seed=5)
+    plain, fused = _nets()
+    kwargs = dict(placement=rd.model_parallel(2), client=client, epochs=2, batch_size=16,
+                  optimizer=rd.SGD(lr=0.1), dtype="float64", seed=3)
+    a = rd.fit(plain, x, y, **kwargs)
+    b = rd.fit(fused, x, y, **kwargs)
+    for name, value in a.params.items():
+        np.testing.assert_allclose(b.params[name], value, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-12)
