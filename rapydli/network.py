@@ -86,6 +86,35 @@ class Sequential:
                 params[f"{layer.name}.{pname}"] = value
         return params
 
+    def init_region(self, seed: int, key: str, region, dtype=np.float32) -> np.ndarray:
+        """The tile ``region`` of parameter ``key``, drawn on its own.
+
+        For networks too large to initialise in one place: each worker draws its own tiles
+        (see :meth:`rapydli.scheduler.engine.Engine.init_params`). The generator is seeded by
+        ``seed`` and a hash of ``(key, region)``; the scale is the layer's usual one (He- or
+        LeCun-uniform by fan-in, biases zero), so only the draws differ from :meth:`init`.
+
+        >>> from rapydli.layers import Dense
+        >>> net = Sequential([Dense(4)], input_shape=(3,))
+        >>> net.init_region(0, "0.weight", ((0, 2), (0, 3))).shape
+        (2, 3)
+        """
+        from rapydli.layers import _uniform
+        from rapydli.storage.policies import stable_hash
+
+        layer_name, pname = key.rsplit(".", 1)
+        index = [layer.name for layer in self.layers].index(layer_name)
+        layer, in_shape = self.layers[index], self.shapes[index][0]
+        shape = tuple(int(b) - int(a) for a, b in region)
+        rng = np.random.default_rng([int(seed), stable_hash(f"{key}@{region}")])
+        if hasattr(layer, "init_region"):
+            return layer.init_region(rng, in_shape, pname, region, dtype)
+        if pname == "bias":
+            return np.zeros(shape, dtype)
+        full = layer.param_shapes(in_shape)[pname]
+        fan_in = layer.fan_in(in_shape) if hasattr(layer, "fan_in") else int(np.prod(full[1:]))
+        return _uniform(rng, shape, fan_in, getattr(layer, "activation", None) == "relu", dtype)
+
     def check_params(self, params: dict) -> None:
         """Raise :class:`ShapeError` unless ``params`` has exactly this network's shapes."""
         expected = self.param_shapes()

@@ -57,3 +57,28 @@ def test_fused_updates_train_like_separate_ones(client):
     for name, value in a.params.items():
         np.testing.assert_allclose(b.params[name], value, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-12)
+
+
+def test_weights_drawn_on_their_workers_never_pass_through_the_client(client):
+    """Engine.init_params: each tile is drawn by a task on the worker that holds it; the same
+    seed gives the same tiles, at the layer's usual scale, and training runs from them."""
+    from distributed import get_task_stream
+
+    from rapydli.scheduler.engine import Engine
+
+    _, fused = _nets()
+    x, y = synthetic(32, seed=1)
+    engine = Engine(fused, rd.model_parallel(2), rd.SGD(lr=0.1), client)
+    engine.init_params(seed=7)
+    engine.set_data("train", x, y)
+    with get_task_stream(client) as stream:
+        loss, _ = engine.value(engine.run("train", np.arange(16))["metrics"])
+    assert np.isfinite(loss)
+    draws = [t for t in stream.data if str(t["key"]).startswith("_draw_tile")]
+    assert len(draws) == 8  # 2 layers x (weight, bias) x 2 tiles
+    assert {t["worker"] for t in draws} == set(engine.workers)
+    fresh = fused.init_region(7, "1.weight", ((0, 12), (0, 64)))
+    np.testing.assert_array_equal(fresh, fused.init_region(7, "1.weight", ((0, 12), (0, 64))))
+    assert not np.array_equal(fresh, fused.init_region(7, "1.weight", ((12, 24), (0, 64))))
+    bound = np.sqrt(6 / 64)  # He-uniform for the relu layer's fan-in
+    assert bound >= np.abs(fresh).max() > 0.8 * bound

@@ -58,6 +58,8 @@ class Engine:
         self.data: dict[tuple, Bound] = {}
         #: lifecycle phase, moved only through TRANSITIONS
         self.phase = "new"
+        #: seed of :meth:`init_params` (tiles drawn on their workers), else ``None``
+        self._init_seed: int | None = None
         self._steps = itertools.count()
         self._token = uuid.uuid4().hex[:8]
 
@@ -84,12 +86,25 @@ class Engine:
     def set_params(self, params: dict, opt_state: dict | None = None) -> None:
         """Use ``params`` (full arrays) and optional optimizer state ``{"slot/param": array}``."""
         self.network.check_params(params)
+        self._init_seed = None
         self.resident.clear()
         self.resident_info.clear()
         self._source = {k: np.asarray(v, dtype=self.dtype) for k, v in params.items()}
         for key, value in (opt_state or {}).items():
             self._source[f"state/{key}"] = np.asarray(value, dtype=self.dtype)
         # resident tiles are always copies: updates write into them in place
+        self._move("ready")
+
+    def init_params(self, seed: int) -> None:
+        """Draw every weight tile on the worker that holds it (nothing passes through the
+        client): for networks too large to initialise in one place. Tiles come from
+        :meth:`Sequential.init_region`, seeded per tile, so they differ from
+        :meth:`Sequential.init` but not between runs or placements of the same tiles.
+        """
+        self.resident.clear()
+        self.resident_info.clear()
+        self._source = {}
+        self._init_seed = int(seed)
         self._move("ready")
 
     def set_data(self, name: str, x, y=None) -> None:
@@ -132,6 +147,16 @@ class Engine:
             ranges[op.worker].add(tuple(op.kwargs["region"][0]))
         return ranges
 
+    def _draw(self, info: tuple):
+        """A resident tile drawn where it lives (optimizer state starts at zero)."""
+        kind, pkey = info[0], info[1]
+        region, worker = (info[2], info[3]) if kind == "param" else (info[3], info[4])
+        args = (_draw_tile, self.network, self._init_seed, pkey, region, self.dtype.str,
+                kind != "param", self.on_gpu[worker])
+        if self.client is None:
+            return args[0](*args[1:])
+        return self.client.submit(*args, workers=[self.workers[worker]], pure=False)
+
     def _put(self, array, worker: int):
         gpu, address = self.on_gpu[worker], self.workers[worker]
         if self.client is None:
@@ -142,6 +167,9 @@ class Engine:
         return future
 
     def _resident(self, key: str, info: tuple) -> Bound:
+        if key not in self.resident and self._init_seed is not None:
+            self.resident[key] = Bound(self._draw(info))
+            self.resident_info[key] = info
         if key not in self.resident:
             kind, pkey = info[0], info[1]
             if kind == "param":
@@ -230,7 +258,8 @@ class Engine:
             full[relative(region, ((0, n) for n in full.shape))] = self.value(self.resident[key])
         if kind == "param":
             for name in shapes:
-                out.setdefault(name, self._source[name].copy())
+                if name not in out and name in self._source:  # in no plan run so far
+                    out[name] = self._source[name].copy()
         return out
 
     def close(self) -> None:
@@ -251,6 +280,13 @@ def to_host(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_host(v) for v in value)
     return value.get() if type(value).__module__.split(".")[0] == "cupy" else value
+
+
+def _draw_tile(network, seed: int, key: str, region, dtype: str, zeros: bool, gpu: bool):
+    shape = tuple(b - a for a, b in region)
+    tile = (np.zeros(shape, dtype) if zeros else
+            network.init_region(seed, key, region, dtype))
+    return to_device(tile) if gpu else tile
 
 
 def _fetch(value, path):
