@@ -33,6 +33,18 @@ from rapydli.kernels import (
     maxpool2d_backward,
     maxpool2d_forward,
 )
+from rapydli.kernels.local import (
+    CONTRAST_FLOOR,
+    L2POOL_EPS,
+    gaussian_window,
+    l2pool2d_backward,
+    l2pool2d_forward,
+    local_contrast_norm_backward,
+    local_contrast_norm_forward,
+    locally_connected_backward,
+    locally_connected_backward_update,
+    locally_connected_forward,
+)
 
 Shape = tuple[int, ...]
 Region = tuple[tuple[int, int], ...]
@@ -348,6 +360,26 @@ class AvgPool2D(_Pool2D):
 
 
 @dataclass(frozen=True)
+class L2Pool2D(_Pool2D):
+    """L2 pooling ``y = sqrt(sum over the window of x**2 + eps)``, ``eps = 1e-12``
+    (:data:`~rapydli.kernels.local.L2POOL_EPS`: keeps the gradient ``x / y`` finite where a
+    window is all zeros); stride defaults to the window, no padding.
+    """
+
+    eps: ClassVar[float] = L2POOL_EPS
+
+    def forward(self, x, params):
+        return l2pool2d_forward(x, self.window, self.strides)
+
+    def backward(self, x, y, params, dy, need_dx):
+        return l2pool2d_backward(x, y, dy, self.window, self.strides), {}
+
+    def flops(self, out_shape, input_shape):
+        kh, kw = self.window
+        return int(np.prod(out_shape)) * (2 * kh * kw + 1)
+
+
+@dataclass(frozen=True)
 class Flatten(Layer):
     """``(N, C, H, W) -> (N, C*H*W)`` in C order, as ONNX Flatten(axis=1)."""
 
@@ -402,9 +434,190 @@ def Tanh(**kw) -> Activation:
     return Activation("tanh", **kw)
 
 
+@dataclass(frozen=True)
+class LocallyConnected2D(Layer):
+    """Like :class:`Conv2D` without padding, but with *untied* weights: one filter bank per
+    output position, NCHW.
+
+    Layout (position-major): ``weight (out_rows, out_cols, filters, in_channels, kh, kw)`` and
+    ``bias (out_rows, out_cols, filters)``. One position's filter bank is one contiguous
+    ``(filters, in_channels*kh*kw)`` block, read once per batch by the kernels and updated in
+    place by the fused :func:`~rapydli.kernels.local.locally_connected_backward_update`; a tile
+    owning output rows ``[r0, r1)`` holds exactly ``weight[r0:r1]``, so a split by rows
+    (``spatial_parallel``) keeps every weight on one worker.
+
+    >>> LocallyConnected2D(4, 3, stride=2).param_shapes((2, 9, 7))
+    {'weight': (4, 3, 4, 2, 3, 3), 'bias': (4, 3, 4)}
+    """
+
+    filters: int
+    kernel_size: int | tuple[int, int]
+    stride: int | tuple[int, int] = 1
+    activation: str | None = None
+    use_bias: bool = True
+    splittable: ClassVar[tuple[str, ...]] = ("batch", "channels", "rows")
+
+    def __post_init__(self):
+        if not isinstance(self.filters, int) or self.filters < 1:
+            raise ConfigError("LocallyConnected2D: filters must be a positive int; received "
+                              f"{self.filters!r}")
+        if min(self.kernel) < 1 or min(self.strides) < 1:
+            raise ConfigError("LocallyConnected2D: kernel_size and stride must be at least 1; "
+                              f"received kernel_size={self.kernel_size!r}, stride={self.stride!r}")
+        _check_activation(self.activation, "LocallyConnected2D")
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return _pair(self.kernel_size, "kernel_size", "LocallyConnected2D")
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        return _pair(self.stride, "stride", "LocallyConnected2D")
+
+    def output_shape(self, input_shape):
+        _expect_rank(self, input_shape, 3, "image (channels, rows, cols)")
+        _, h, w = input_shape
+        (kh, kw), (sh, sw) = self.kernel, self.strides
+        if h < kh or w < kw:
+            raise ShapeError(
+                f"layer '{self.name}' (LocallyConnected2D): kernel {self.kernel} does not fit "
+                f"its input {(h, w)}; received input shape {tuple(input_shape)}. Use a smaller "
+                "kernel or fewer pooling layers before it.")
+        return (self.filters, (h - kh) // sh + 1, (w - kw) // sw + 1)
+
+    def param_shapes(self, input_shape):
+        _, ho, wo = self.output_shape(input_shape)
+        shapes = {"weight": (ho, wo, self.filters, input_shape[0], *self.kernel)}
+        if self.use_bias:
+            shapes["bias"] = (ho, wo, self.filters)
+        return shapes
+
+    def init_params(self, rng, input_shape, dtype):
+        shapes = self.param_shapes(input_shape)
+        fan_in = int(np.prod(shapes["weight"][3:]))
+        weight = np.empty(shapes["weight"], dtype)
+        for r in range(weight.shape[0]):  # a row at a time: no float64 copy of a huge weight
+            weight[r] = _uniform(rng, weight.shape[1:], fan_in, self.activation == "relu", dtype)
+        params = {"weight": weight}
+        if self.use_bias:
+            params["bias"] = np.zeros(shapes["bias"], dtype)
+        return params
+
+    def input_region(self, out, input_shape):
+        (kh, kw), (sh, sw) = self.kernel, self.strides
+        return (out[0], (0, input_shape[0]), _window_rows(out[2], kh, sh, 0),
+                _window_rows(out[3], kw, sw, 0))
+
+    def param_regions(self, out, input_shape):
+        kh, kw = self.kernel
+        regions = {"weight": (out[2], out[3], out[1], (0, input_shape[0]), (0, kh), (0, kw))}
+        if self.use_bias:
+            regions["bias"] = (out[2], out[3], out[1])
+        return regions
+
+    def forward(self, x, params):
+        z = locally_connected_forward(x, params["weight"], params.get("bias"), self.strides)
+        return _apply_activation(self.activation, z)
+
+    def init_region(self, rng, input_shape, name, region, dtype):
+        """One tile of a parameter, drawn a row at a time (see ``Sequential.init_region``)."""
+        shape = tuple(b - a for a, b in region)
+        if name == "bias":
+            return np.zeros(shape, dtype)
+        fan_in = input_shape[0] * self.kernel[0] * self.kernel[1]
+        tile = np.empty(shape, dtype)
+        for r in range(shape[0]):  # no float64 copy of a multi-gigabyte tile
+            tile[r] = _uniform(rng, shape[1:], fan_in, self.activation == "relu", dtype)
+        return tile
+
+    def backward_update(self, x, y, params, dy, need_dx, optimizer):
+        """Backward and a plain SGD step in one pass: ``dx`` from the old weights while each
+        position's weights are updated in place, so the weight gradient never exists whole
+        (see :func:`rapydli.kernels.local.locally_connected_backward_update`)."""
+        dz = _unapply_activation(self.activation, y, dy)
+        if optimizer.weight_decay:  # the fused kernel knows plain SGD only
+            dx, grads = self.backward(x, y, params, dy, need_dx)
+            for name, grad in grads.items():
+                optimizer.update(params[name], grad, {}, inplace=True)
+            return dx, params
+        dx = locally_connected_backward_update(x, params["weight"], params.get("bias"), dz,
+                                               optimizer.lr, need_dx, self.strides)
+        return dx, params
+
+    def backward(self, x, y, params, dy, need_dx):
+        dz = _unapply_activation(self.activation, y, dy)
+        dx, dw, db = locally_connected_backward(x, params["weight"], dz, self.strides, need_dx)
+        grads = {"weight": dw}
+        if self.use_bias:
+            grads["bias"] = db
+        return dx, grads
+
+    def flops(self, out_shape, input_shape):
+        kh, kw = self.kernel
+        return 2 * int(np.prod(out_shape)) * input_shape[0] * kh * kw
+
+
+@dataclass(frozen=True)
+class LocalContrastNorm(Layer):
+    """Local contrast normalisation (Jarrett et al. 2009), subtractive then divisive.
+
+    ``G``: a ``size x size`` Gaussian (``sigma`` defaults to ``size / 4``) divided by the number
+    of channels, so it sums to 1 over window and channels. ``v = x - sum_c G * x`` (one local
+    mean for all channels), ``sigma_map = sqrt(sum_c G * v**2)``, ``y = v / sqrt(c**2 +
+    sigma_map**2)``. ``c`` is a fixed constant (default 0.1: for inputs of unit variance,
+    contrast below ``c`` is amplified at most ``1/c`` times), not the paper's mean of
+    ``sigma_map`` over the image, which is not local and would couple spatial tiles.
+
+    Zero padding: a tile reads ``2 * (size // 2)`` halo rows and columns (two window passes),
+    zero past the image edges, and computes ``v`` over its input less ``size // 2`` on each
+    side, so ``v`` is also defined just past the edges (from zero-padded ``x``); a single
+    worker and any split by rows therefore compute the same numbers. Same output shape as
+    input; it mixes channels, so it cuts only batch and rows.
+
+    >>> LocalContrastNorm(5).input_region(((0, 2), (0, 3), (4, 8), (0, 6)), (3, 12, 6))
+    ((0, 2), (0, 3), (0, 12), (-4, 10))
+    """
+
+    size: int = 9
+    sigma: float | None = None
+    c: float = CONTRAST_FLOOR
+    splittable: ClassVar[tuple[str, ...]] = ("batch", "rows")
+
+    def __post_init__(self):
+        gaussian_window(self.size, 1.0)  # ConfigError unless size is an odd positive int
+        for field, value in (("sigma", self.sigma), ("c", self.c)):
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"LocalContrastNorm: {field} must be a positive number"
+                                  f"{' or None' if field == 'sigma' else ''}; received {value!r}")
+
+    @property
+    def halo(self) -> int:
+        """Rows (and columns) read past each side of an output tile: two window passes."""
+        return 2 * (self.size // 2)
+
+    def output_shape(self, input_shape):
+        _expect_rank(self, input_shape, 3, "image (channels, rows, cols)")
+        return tuple(input_shape)
+
+    def input_region(self, out, input_shape):
+        h = self.halo
+        return (out[0], (0, input_shape[0]), (out[2][0] - h, out[2][1] + h),
+                (out[3][0] - h, out[3][1] + h))
+
+    def forward(self, x, params):
+        return local_contrast_norm_forward(x, self.size, self.sigma, self.c)
+
+    def backward(self, x, y, params, dy, need_dx):
+        return local_contrast_norm_backward(x, dy, self.size, self.sigma, self.c), {}
+
+    def flops(self, out_shape, input_shape):
+        return int(np.prod(out_shape)) * (8 * self.size + 12)  # two separable passes + glue
+
+
 #: layer classes by the ``type`` name used in configs
 LAYER_TYPES: dict[str, type[Layer]] = {
-    cls.__name__: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, Activation)
+    cls.__name__: cls for cls in (Dense, Conv2D, MaxPool2D, AvgPool2D, Flatten, Activation,
+                                  LocallyConnected2D, L2Pool2D, LocalContrastNorm)
 }
 
 

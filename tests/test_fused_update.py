@@ -82,3 +82,19 @@ def test_weights_drawn_on_their_workers_never_pass_through_the_client(client):
     assert not np.array_equal(fresh, fused.init_region(7, "1.weight", ((12, 24), (0, 64))))
     bound = np.sqrt(6 / 64)  # He-uniform for the relu layer's fan-in
     assert bound >= np.abs(fresh).max() > 0.8 * bound
+
+
+def test_spatially_split_locally_connected_layers_train_with_fused_updates(client):
+    """The memory-efficient path of the scale benchmark: no update op, same numbers."""
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 2, 10, 10))
+    y = rng.random((8, 3, 6, 6))
+    net = rd.Sequential([rd.LocallyConnected2D(4, 3, activation="tanh"),
+                         rd.LocallyConnected2D(3, 3)], input_shape=(2, 10, 10), loss="mse")
+    graph = lower(net, rd.spatial_parallel(2), 8, "train", rd.SGD(lr=0.1))
+    assert graph.ops(kind="update") == []
+    kwargs = dict(epochs=2, batch_size=4, optimizer=rd.SGD(lr=0.1), dtype="float64", seed=1)
+    single = rd.fit(net, x, y, **kwargs)
+    split = rd.fit(net, x, y, placement=rd.spatial_parallel(2), client=client, **kwargs)
+    for name, value in single.params.items():
+        np.testing.assert_allclose(split.params[name], value, rtol=1e-10, atol=1e-12)
