@@ -1,5 +1,6 @@
-"""Backward ops that apply their own update in place (weights consumed by their update on the
-worker that owns them): same numbers, no update ops, no gradient outputs."""
+"""What large models need: backward ops that apply their own update in place (weights consumed
+by their update on the worker that owns them), weights drawn on their workers, and neighbouring
+tiles bound to workers on the same node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,3 +99,19 @@ def test_spatially_split_locally_connected_layers_train_with_fused_updates(clien
     split = rd.fit(net, x, y, placement=rd.spatial_parallel(2), client=client, **kwargs)
     for name, value in single.params.items():
         np.testing.assert_allclose(split.params[name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_neighbouring_mesh_workers_land_on_the_same_node():
+    """bind_workers groups workers by host: consecutive mesh workers (neighbouring tiles,
+    which exchange border rows) share a node where they can, whatever the address order."""
+    from rapydli.scheduler.cluster import bind_workers
+
+    class FakeClient:
+        def scheduler_info(self, n_workers):
+            addresses = ["tcp://10.0.0.2:9000", "tcp://10.0.0.1:10000", "tcp://10.0.0.2:800",
+                         "tcp://10.0.0.1:9001"]
+            return {"workers": {a: {} for a in addresses}}
+
+    bound = bind_workers(FakeClient(), rd.Mesh(model=4))
+    assert bound == ["tcp://10.0.0.1:9001", "tcp://10.0.0.1:10000", "tcp://10.0.0.2:800",
+                     "tcp://10.0.0.2:9000"]
