@@ -25,6 +25,9 @@ from rapydli.layers import (
     Conv2D,
     Dense,
     Flatten,
+    L2Pool2D,
+    LocalContrastNorm,
+    LocallyConnected2D,
     MaxPool2D,
     ReLU,
     Sigmoid,
@@ -49,7 +52,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "AvgPool2D", "ClusterError", "ConfigError", "Conv2D", "DataError", "Dense",
-    "Flatten", "Loss", "MaxPool2D", "Mesh", "Placement", "PlacementError", "RapydliError",
+    "Flatten", "L2Pool2D", "LocalContrastNorm", "LocallyConnected2D", "Loss", "MaxPool2D",
+    "Mesh", "Placement", "PlacementError", "RapydliError",
     "ReLU", "SGD", "Sequential", "ShapeError", "Sigmoid", "Tanh", "Tiling", "data_parallel",
     "evaluate", "fit", "hybrid", "model_parallel", "predict", "single", "spatial_parallel",
     "value_and_grad",

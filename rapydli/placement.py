@@ -5,9 +5,12 @@ axis of a layer's output is cut along which mesh axes. A :class:`Placement` give
 tiling, from a preset rule plus per-layer overrides:
 
 - ``data_parallel(n)``: every layer cut along ``batch`` over ``data``;
-- ``model_parallel(n)``: dense layers cut along their output ``features``, convolutions and
-  pooling along ``channels``, over ``model``;
-- ``spatial_parallel(n)``: convolutions and pooling cut along image ``rows`` over ``model``;
+- ``model_parallel(n)``: dense layers cut along their output ``features``, convolutions,
+  locally connected layers and pooling along ``channels``, local contrast normalisation
+  (which mixes channels) along ``rows``, over ``model``;
+- ``spatial_parallel(n)``: convolutions, locally connected layers, pooling and local contrast
+  normalisation cut along image ``rows`` over ``model`` (a locally connected layer's weights
+  are cut with its rows, never replicated);
 - ``hybrid(data, model)``: convolution and pooling cut along ``batch`` over all workers, dense
   layers along ``batch`` over ``data`` and ``features`` over ``model``.
 
@@ -27,7 +30,19 @@ import math
 from dataclasses import dataclass, field
 
 from rapydli.errors import PlacementError
-from rapydli.layers import AXES, Activation, Conv2D, Dense, Layer, _Pool2D
+from rapydli.layers import (
+    AXES,
+    Activation,
+    Conv2D,
+    Dense,
+    Layer,
+    LocalContrastNorm,
+    LocallyConnected2D,
+    _Pool2D,
+)
+
+#: layers that slide a window over the image rows (their row cuts need halos)
+_WINDOWED = (Conv2D, LocallyConnected2D, _Pool2D, LocalContrastNorm)
 
 
 class Mesh:
@@ -143,13 +158,15 @@ def _rule_data(layer: Layer, rank: int, mesh: Mesh) -> Tiling:
 def _rule_model(layer: Layer, rank: int, mesh: Mesh) -> Tiling:
     if isinstance(layer, Dense) or (isinstance(layer, Activation) and rank == 2):
         return Tiling(features="model")
-    if isinstance(layer, (Conv2D, _Pool2D, Activation)):
+    if isinstance(layer, LocalContrastNorm):  # mixes channels: cut the rows instead
+        return Tiling(rows="model")
+    if isinstance(layer, (Conv2D, LocallyConnected2D, _Pool2D, Activation)):
         return Tiling(channels="model")
     return Tiling()
 
 
 def _rule_spatial(layer: Layer, rank: int, mesh: Mesh) -> Tiling:
-    if isinstance(layer, (Conv2D, _Pool2D)) or (isinstance(layer, Activation) and rank == 4):
+    if isinstance(layer, _WINDOWED) or (isinstance(layer, Activation) and rank == 4):
         return Tiling(rows="model")
     return Tiling()
 

@@ -17,6 +17,15 @@ from rapydli.kernels.activations import ACTIVATIONS, activation_backward, activa
 from rapydli.kernels.backend import available_backends, get_array_module
 from rapydli.kernels.conv import conv2d_backward, conv2d_forward
 from rapydli.kernels.dense import dense_backward, dense_forward
+from rapydli.kernels.local import (
+    l2pool2d_backward,
+    l2pool2d_forward,
+    local_contrast_norm_backward,
+    local_contrast_norm_forward,
+    locally_connected_backward,
+    locally_connected_backward_update,
+    locally_connected_forward,
+)
 from rapydli.kernels.losses import LOSSES, mse, softmax_cross_entropy
 from rapydli.kernels.optim import sgd_update
 from rapydli.kernels.pool import (
@@ -39,6 +48,13 @@ __all__ = [
     "dense_backward",
     "dense_forward",
     "get_array_module",
+    "l2pool2d_backward",
+    "l2pool2d_forward",
+    "local_contrast_norm_backward",
+    "local_contrast_norm_forward",
+    "locally_connected_backward",
+    "locally_connected_backward_update",
+    "locally_connected_forward",
     "maxpool2d_backward",
     "maxpool2d_forward",
     "mse",
