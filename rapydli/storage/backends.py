@@ -10,9 +10,11 @@ mark the ones whose bytes do not decode; ``records`` checks the rest and assembl
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import json
+import math
 import os
 import struct
 import tempfile
@@ -163,15 +165,26 @@ def decode(value: bytes) -> tuple[np.ndarray, int, dict | None]:
     if value[:4] != MAGIC or len(value) < 8:
         raise ValueError("no rapydli record header")
     (n,) = struct.unpack_from("<I", value, 4)
-    header = json.loads(value[8:8 + n])
+    dtype, shape, y, meta = _header(bytes(value[8:8 + n]))
+    payload = memoryview(value)[8 + n:]
+    if len(payload) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"header (dtype {dtype}, shape {shape}) does not match "
+                         f"{len(payload)} payload bytes")
+    meta = None if meta is None else json.loads(meta)  # a fresh dict for every record
+    return np.frombuffer(payload, dtype).reshape(shape), y, meta  # read-only; stacking copies
+
+
+@functools.lru_cache(maxsize=4096)
+def _header(raw: bytes) -> tuple[np.dtype, tuple[int, ...], int, str | None]:
+    """``(dtype, shape, label, meta as JSON)`` of a record header; records of one store share
+    a few headers (one per label when they carry no metadata), so each is parsed once."""
+    header = json.loads(raw)
     dtype, shape = np.dtype(header["dtype"]), tuple(int(s) for s in header["shape"])
     y, meta = header["y"], header["meta"]
-    payload = memoryview(value)[8 + n:]
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if dtype.hasobject or len(payload) != expected or not isinstance(meta, (dict, type(None))) \
-            or isinstance(y, bool) or not isinstance(y, int):
-        raise ValueError(f"header {header} does not match {len(payload)} payload bytes")
-    return np.frombuffer(payload, dtype).reshape(shape).copy(), y, meta
+    if dtype.hasobject or not isinstance(meta, (dict, type(None))) or isinstance(y, bool) \
+            or not isinstance(y, int):
+        raise ValueError(f"header {header} is not a record header")
+    return dtype, shape, y, (None if meta is None else json.dumps(meta))
 
 
 def lmdb_write(loc: Location, path: str, spec: RecordSpec, records, chunk: int) -> int:

@@ -19,6 +19,7 @@ while a run trains are picked up at the next epoch boundary.
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -29,7 +30,6 @@ from rapydli.errors import DataError
 from rapydli.graph.to_dask import Bound
 from rapydli.storage.datasets import batches
 from rapydli.storage.policies import Subset, distribute
-import itertools
 
 #: steps gathered into one window task per worker
 WINDOW_STEPS = 32
@@ -111,6 +111,7 @@ class _Stream:
     reading: collections.deque = field(default_factory=collections.deque)  #: (shard, future)
     rows: list = field(default_factory=list)  #: [(shard future, permuted positions)]
     n_rows: int = 0
+    n_started: int = 0  #: shards whose read has been started
 
     def take(self, n: int) -> list[tuple[object, np.ndarray]]:
         """The next ``n`` rows as ``(shard future, positions)`` pieces."""
@@ -165,6 +166,8 @@ class StoreSource:
         self._shards: tuple[str, ...] = ()
         self._epoch = self._step = 0
         self._bound: collections.deque = collections.deque()  #: windows bound, oldest first
+        #: reads of the next epoch's first shards, started early: (shard, worker) -> future
+        self._stash: dict[tuple[str, int], object] = {}
 
     def __len__(self) -> int:
         return len(self.store)
@@ -190,48 +193,67 @@ class StoreSource:
         ``position`` (from a checkpoint of this epoch) fixes the shards the epoch covers, so a
         resumed epoch sees the store as it was, even if records were appended since.
         """
-        self.store = self._records.open_store(self.url, self.storage_options)  # sees appended shards
-        names = list(self.store.shards)
-        if position and position.get("epoch") == epoch and position.get("shards"):
-            names = [n for n in position["shards"] if n in set(self.store.shards)]
-        self._shards, self._epoch, self._step = tuple(names), epoch, 0
-        counts = dict(zip(self.store.shards, self.store.counts))
-        offsets = dict(zip(self.store.shards, np.cumsum([0, *self.store.counts[:-1]]).tolist()))
+        names, counts, offsets = self._open(epoch, position)
         groups, needs, owners = _layout(engine, batch_size)
-        rng = epoch_rng(seed, epoch)
-        streams = [_Stream([names[i] for i in rng.permutation(shards)]) if shards else _Stream([])
-                   for shards in distribute([counts[n] for n in names], len(groups),
-                                            self.distribution)]
         sizes = [b - a for a, b in groups]
+        rng = epoch_rng(seed, epoch)
+        streams = [_Stream(order) for order in self._orders(names, counts, len(groups), rng)]
         empty = [g for g, s in enumerate(streams) if not s.shards]
         if empty and names:
             raise DataError(f"store {self.url!r}: {len(names)} shard(s) for {len(groups)} data "
                             f"groups of the placement; groups {empty} would read nothing. "
                             f"Re-import with at least {len(groups)} shards (rapydli data import "
                             "--shards N) or use a smaller data axis")
-        k = 0
+        k, ahead = 0, False
         while True:
+            steps = 1 if k == 0 else self.window  # the first window starts after one step's rows
             for g, stream in enumerate(streams):
-                self._fill(engine, stream, owners[g], self.window * sizes[g], offsets, rng)
+                self._fill(engine, stream, owners[g], steps * sizes[g], offsets, rng)
+            if k == 0:
+                self._stash.clear()  # reads made ahead that this epoch did not want
+            if not ahead and not any(s.shards for s in streams):  # all read: start the next epoch's
+                self._read_ahead(engine, names, counts, owners, offsets, seed, epoch + 1)
+                ahead = True
             n_steps = min(self.window, *(s.n_rows // size for s, size in zip(streams, sizes)))
             if n_steps == 0:
                 if len(groups) == 1 and streams[0].n_rows:  # one group: a last, smaller batch
                     yield from self._last_batch(engine, streams[0], k)
                 break
             name = f"{self.name}:{epoch}:{k}"
-            pieces = [s.take(n_steps * size) for s, size in zip(streams, sizes)]
-            self._bind_window(engine, name, pieces, needs)
+            self._bind_window(engine, name, [s.take(n_steps * size) for s, size in
+                                             zip(streams, sizes)], needs)
             for t in range(n_steps):
-                index = np.zeros((len(needs), batch_size), np.int64)
-                for w, wanted in enumerate(needs):
-                    offset = 0
-                    for g in wanted:
-                        a, b = groups[g]
-                        index[w, a:b] = offset + t * sizes[g] + np.arange(b - a)
-                        offset += n_steps * sizes[g]
                 self._step += 1
-                yield name, index
+                yield name, _window_index(groups, needs, sizes, n_steps, t, batch_size)
             k += 1
+
+    def _open(self, epoch: int, position: dict | None):
+        """Re-open the store (appended shards join now); the shards, counts and record offsets
+        this epoch covers."""
+        self.store = self._records.open_store(self.url, self.storage_options)
+        names = list(self.store.shards)
+        if position and position.get("epoch") == epoch and position.get("shards"):
+            names = [n for n in position["shards"] if n in set(self.store.shards)]
+        self._shards, self._epoch, self._step = tuple(names), epoch, 0
+        counts = dict(zip(self.store.shards, self.store.counts))
+        offsets = dict(zip(self.store.shards, np.cumsum([0, *self.store.counts[:-1]]).tolist()))
+        return names, counts, offsets
+
+    def _orders(self, names, counts, n_groups: int, rng) -> list[list[str]]:
+        """Per data group, its shards in this epoch's order."""
+        groups = distribute([counts[n] for n in names], n_groups, self.distribution)
+        return [[names[i] for i in rng.permutation(shards)] if shards else [] for shards in groups]
+
+    def _read_ahead(self, engine, names, counts, owners, offsets, seed: int, epoch: int):
+        """Start reading the first shards of epoch ``epoch`` now, on the workers that will want
+        them, so its first steps do not wait (used if the store is unchanged by then)."""
+        orders = self._orders(names, counts, len(owners), epoch_rng(seed, epoch))
+        for g, order in enumerate(orders):
+            for j, name in enumerate(order[:self.prefetch]):
+                worker = owners[g][j % len(owners[g])]
+                self._stash[(name, worker)] = _submit(engine, worker, read_shard, self.url,
+                                                      name, self.storage_options, self.subset,
+                                                      offsets[name])
 
     def _last_batch(self, engine, stream: _Stream, k: int):
         n = stream.n_rows
@@ -245,10 +267,13 @@ class StoreSource:
         """Read shards until the stream holds ``wanted`` rows or runs dry; keep reads ahead."""
         while stream.shards and len(stream.reading) < self.prefetch:
             name = stream.shards.pop(0)
-            worker = owners[len(self.readers) % len(owners)]
+            worker = owners[stream.n_started % len(owners)]  # a group's reads dealt in turn
+            stream.n_started += 1
             self.readers[name] = worker
-            future = _submit(engine, worker, read_shard, self.url, name, self.storage_options,
-                             self.subset, offsets[name])
+            future = self._stash.pop((name, worker), None)
+            if future is None:
+                future = _submit(engine, worker, read_shard, self.url, name,
+                                 self.storage_options, self.subset, offsets[name])
             stream.reading.append((name, future, worker))
         while stream.n_rows < wanted and stream.reading:
             name, future, worker = stream.reading.popleft()
@@ -308,6 +333,19 @@ class StoreSource:
                             "subset (ranges, fraction, labels) and the store's contents")
         self._bind_window(engine, name, [reads], [[0]] * len(engine.workers))
         return sum(len(p) for _, p in reads)
+
+
+def _window_index(groups, needs, sizes, n_steps: int, t: int, batch: int) -> np.ndarray:
+    """Index ``(n_workers, batch)`` of step ``t`` of a window: each worker numbers the rows of
+    the groups it reads, group after group, ``n_steps * size`` rows each."""
+    index = np.zeros((len(needs), batch), np.int64)
+    for w, wanted in enumerate(needs):
+        offset = 0
+        for g in wanted:
+            a, b = groups[g]
+            index[w, a:b] = offset + t * sizes[g] + np.arange(b - a)
+            offset += n_steps * sizes[g]
+    return index
 
 
 class _Counts(NamedTuple):

@@ -269,6 +269,9 @@ class Store:
 def _collect(blocks: Iterable[Block], spec: RecordSpec) -> ShardData:
     xs, ys, keys, metas, skipped = [], [], [], [], []
     for b in blocks:
+        if not isinstance(b.x, np.ndarray) and not b.errors and b.x and all(
+                x.shape == spec.shape and x.dtype == spec.dtype for x in b.x):
+            b.x, b.y = np.stack(b.x), np.asarray(b.y)  # (k, *shape): one vectorised check
         if isinstance(b.x, np.ndarray):
             reasons = check_batch(b.x, np.asarray(b.y), spec)
         else:
