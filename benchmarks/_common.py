@@ -119,12 +119,12 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
               steps_per_task: int = 1) -> float:
     """Seconds for training steps on ``indices``, submitted ahead like ``rapydli.fit`` does.
 
-    Up to ``rapydli.training.MAX_IN_FLIGHT`` steps are in flight beyond the one whose metrics
+    Up to ``rapydli.trainer.MAX_IN_FLIGHT`` steps are in flight beyond the one whose metrics
     are collected next; the clock stops when the last step's metrics are on the client.
     With ``steps_per_task > 1`` that many steps are unrolled into one graph, as
     ``fit(steps_per_task=...)`` does.
     """
-    from rapydli.training import MAX_IN_FLIGHT
+    from rapydli.trainer import MAX_IN_FLIGHT
 
     limit = MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
     k = steps_per_task
