@@ -47,13 +47,14 @@ from rapydli.placement import (
     spatial_parallel,
 )
 from rapydli.training import evaluate, fit, predict, value_and_grad
+from rapydli.unsupervised import SparsityPenalty  # registers the layer type for configs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "AvgPool2D", "ClusterError", "ConfigError", "Conv2D", "DataError", "Dense",
     "Flatten", "L2Pool2D", "LocalContrastNorm", "LocallyConnected2D", "Loss", "MaxPool2D",
-    "Mesh", "Placement", "PlacementError", "RapydliError",
+    "Mesh", "Placement", "PlacementError", "RapydliError", "SparsityPenalty",
     "ReLU", "SGD", "Sequential", "ShapeError", "Sigmoid", "Tanh", "Tiling", "data_parallel",
     "evaluate", "fit", "hybrid", "model_parallel", "predict", "single", "spatial_parallel",
     "value_and_grad",

@@ -13,6 +13,10 @@
     training then uses the cache.
 ``rapydli export RUN_DIR [--format onnx|npz] [-o FILE]``
     writes the run's latest weights as an ONNX model (or plain npz weights).
+``rapydli visualize RUN_DIR --layer L --unit U``
+    draws a unit's top stimuli from a data set and its optimal (norm-1) stimulus.
+``rapydli simulate CONFIG.yaml --cluster CLUSTER.yaml [--mesh ...] [--search]``
+    predicts step time, compute/communication split and memory on a described cluster.
 ``rapydli data import SRC DEST [--format lmdb|zarr|hdf5] [--shards N] [--partition P]``
     converts digits, an npy folder or an image folder into a sharded store;
     ``rapydli data inspect DEST`` prints its counts, shapes, label histogram and shard sizes.
@@ -117,6 +121,10 @@ def cmd_train(args) -> int:
     seconds = time.perf_counter() - started
     _write_report(out, history, seconds, args.config)
     _plot_losses(history, out / "loss.png")
+    if not hasattr(x, "epoch"):  # unsupervised networks: filters.png and unsupervised.json
+        from rapydli.unsupervised import report_unsupervised
+
+        report_unsupervised(out, network, history.params, x)
     last = history.epochs[-1]
     tested = f", test accuracy {last['test_accuracy']:.4f}" if "test_accuracy" in last else ""
     print(f"done in {seconds:.1f}s: loss {last['loss']:.4f}, train accuracy "
@@ -237,7 +245,11 @@ def _options(text: str | None) -> dict | None:
 
 
 def cmd_data_import(args) -> int:
-    """``rapydli data import SRC DEST [--format F] [--shards N] [--partition P]``."""
+    """``rapydli visualize RUN_DIR --layer L --unit U``
+    draws a unit's top stimuli from a data set and its optimal (norm-1) stimulus.
+``rapydli simulate CONFIG.yaml --cluster CLUSTER.yaml [--mesh ...] [--search]``
+    predicts step time, compute/communication split and memory on a described cluster.
+``rapydli data import SRC DEST [--format F] [--shards N] [--partition P]``."""
     from rapydli.storage.importer import format_inspect, import_dataset, inspect_store
     from rapydli.storage.quality import QualityReport
 
@@ -324,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="output file (default: RUN_DIR/model.FORMAT)")
     export.set_defaults(func=cmd_export)
     _data_parser(sub)
+    from rapydli.visualize import add_visualize_parser
+
+    add_visualize_parser(sub)
     return parser
 
 

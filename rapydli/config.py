@@ -40,7 +40,7 @@ from rapydli.placement import Mesh, Placement, Tiling
 #: top-level sections of a config file; only ``network`` has no default
 SECTIONS = ("data", "network", "optimizer", "train", "placement")
 #: data set names understood by :func:`rapydli.storage.datasets.load_dataset`
-DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic", "patches")
 DTYPES = ("float32", "float64")
 #: placement preset -> rule name in :data:`rapydli.placement.RULES`
 PRESET_RULES = {"single": "single", "data_parallel": "data", "model_parallel": "model",
@@ -107,10 +107,13 @@ class DataConfig:
     0.2
     """
 
-    name: str = "digits"  #: ``"digits"`` (scikit-learn) or ``"synthetic"`` (generated)
+    #: ``"digits"`` (scikit-learn), ``"synthetic"`` (generated) or ``"patches"`` (whitened
+    #: natural-image patches, targets = inputs, for autoencoders; needs scikit-image)
+    name: str = "digits"
     test_fraction: float = 0.2  #: share of samples held out for evaluation, in (0, 1)
     seed: int = 0  #: seeds the split (and the generator of ``synthetic``)
-    n_samples: int | None = None  #: ``None``: all of digits, 600 synthetic samples
+    n_samples: int | None = None  #: ``None``: all of digits, 600 synthetic, 10000 patches
+    patch_size: int = 8  #: ``patches``: side of the square patches (``patch_size**2`` features)
     #: a sharded store (path or fsspec URL, see :mod:`rapydli.storage.records`) to train from
     #: instead of ``name``; its shards are read by the workers, split by hash of record key
     store: str | None = None
@@ -144,6 +147,7 @@ class DataConfig:
         _check_int(self.seed, "data.seed", minimum=0)
         if self.n_samples is not None:
             _check_int(self.n_samples, "data.n_samples")
+        _check_int(self.patch_size, "data.patch_size", minimum=2)
 
 
 @dataclass(frozen=True)

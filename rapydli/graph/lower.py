@@ -81,6 +81,7 @@ class _Tile:
     x_region: Region
     params: tuple[tuple[str, str, Region], ...]  # (param name, key, region)
     y: Ref | None = None
+    dy_extra: Ref | None = None  # a penalty's gradient, added to the incoming dy
 
 
 @dataclass
@@ -168,9 +169,51 @@ class _Lowering:
                     shape_of(region), size, layer.flops(shape_of(region), in_s)))
                 tile.y = Ref(key, (), size)
                 tiles.append(tile)
+            if self.mode != "predict" and hasattr(layer, "penalty"):
+                self.penalty(layer, tiles)
             layers_tiles.append(tiles)
             sources = [Source(tile.y, tile.region, tile.worker) for tile in tiles]
         return layers_tiles, sources
+
+    def penalty(self, layer, tiles: list[_Tile]) -> None:
+        """Ops for a layer's penalty on its output, a function of whole-batch statistics.
+
+        The hooks: ``layer.penalty_stats(y)`` sums a tile's rows (additive over batch tiles);
+        ``layer.penalty(y, stats, batch)`` gives ``(value, dy_extra)`` from the whole batch's
+        sums. Tiles holding the same units all-reduce their sums, so a batch cut moves only
+        those sums, never the activations; the first batch tile of each unit range counts the
+        value in the metrics, and ``dy_extra`` joins the tile's ``dy`` in backward.
+        """
+        groups: dict[Region, list[int]] = {}
+        for t, tile in enumerate(tiles):
+            groups.setdefault(tile.region[1:], []).append(t)
+        backward = self.mode in ("train", "grad")
+        for units, members in groups.items():
+            size = nbytes(units, self.itemsize)
+            parts = []
+            for t in members:
+                key = f"{layer.name}/stats/t{t}"
+                self.graph.add_op(TileOp(
+                    key, "penalty", "forward", tiles[t].worker, ops.penalty_stats_task,
+                    (tiles[t].y,), dict(layer=layer), layer.name, shape_of(units), size,
+                    int(np.prod(shape_of(tiles[t].region)))))
+                parts.append((Ref(key, (), size), tiles[t].worker))
+            sums = all_reduce(self.graph, f"{layer.name}/stats/{_tag(units)}", parts,
+                              sorted({w for _, w in parts}), size)
+            first = min(members, key=lambda t: tiles[t].region[0])
+            for t in members:
+                tile, key = tiles[t], f"{layer.name}/penalty/t{t}"
+                self.graph.add_op(TileOp(
+                    key, "penalty", "forward", tile.worker, ops.penalty_task,
+                    (tile.y, sums[tile.worker]),
+                    dict(layer=layer, batch=self.batch, backward=backward), layer.name,
+                    shape_of(tile.region), flops=4 * int(np.prod(shape_of(units)))))
+                if backward:
+                    tile.dy_extra = Ref(key, (1,), size)
+                if t == first:  # (value, 0 correct) joins the metrics, as a loss tile's does
+                    self.graph.add_op(TileOp(f"{key}/scalars", "send", "comm", tile.worker,
+                                             ops.scalars_task, (Ref(key),), nbytes=16))
+                    self.penalty_scalars.append(Ref(f"{key}/scalars", (), 16))
 
     # --- loss --------------------------------------------------------------------------------
 
@@ -201,7 +244,7 @@ class _Lowering:
                                      ops.scalars_task, (Ref(key),), nbytes=16))
             scalars.append(Ref(f"loss/scalars/t{t}", (), 16))
         self.graph.add_op(TileOp("metrics", "output", "comm", None, ops.metrics_task,
-                                 tuple(scalars)))
+                                 (*scalars, *self.penalty_scalars)))
         self.outputs["metrics"] = Ref("metrics")
         return grads
 
@@ -216,6 +259,12 @@ class _Lowering:
             for t, tile in enumerate(layers_tiles[i]):
                 dy = redistribute(self.graph, f"{layer.name}/dy/t{t}", tile.region, tile.worker,
                                   grads, self.dtype, self.itemsize, add=True, phase="comm")
+                if tile.dy_extra is not None:  # dy_extra broadcasts over the tile's rows
+                    key = f"{layer.name}/dy+penalty/t{t}"
+                    self.graph.add_op(TileOp(key, "penalty", "backward", tile.worker,
+                                             ops.sum_task, (dy, tile.dy_extra), layer=layer.name,
+                                             shape=shape_of(tile.region)))
+                    dy = Ref(key, (), nbytes(tile.region, self.itemsize))
                 key = f"{layer.name}/bwd/t{t}"
                 refs = tuple(self.param_ref(k, r, tile.worker) for _, k, r in tile.params)
                 kwargs = dict(layer=layer, names=tuple(p for p, _, _ in tile.params),
@@ -297,6 +346,7 @@ class _Lowering:
 
     def run(self) -> TileGraph:
         self.outputs: dict = {}
+        self.penalty_scalars: list[Ref] = []
         #: number of output tiles that compute with each (weight, region)
         self.uses: dict[tuple[str, Region], int] = {}
         #: weight placeholders updated inside backward ops -> the op output holding them

@@ -162,6 +162,17 @@ def loss_task(pred, target, *, loss, scale: float, backward: bool = True):
     return float(value), (dpred if backward else None), int(n_correct)
 
 
+def penalty_stats_task(y, *, layer):
+    """A penalty's statistics of one output tile, summed over its batch rows."""
+    return layer.penalty_stats(y)
+
+
+def penalty_task(y, stats, *, layer, batch: int, backward: bool = True):
+    """``(value, dy_extra or None, 0)`` of a layer's penalty, from whole-batch ``stats``."""
+    value, dy_extra = layer.penalty(y, stats, batch)
+    return float(value), (dy_extra if backward else None), 0
+
+
 def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...], inplace: bool = False):
     """``(new weight, new slot, ...)`` for one resident weight tile; with ``inplace`` the
     weight and state arrays are updated where they are (no op reads them afterwards)."""

@@ -1,6 +1,8 @@
-"""In-memory data sets: scikit-learn's digits and a generated 10-class problem, split once.
+"""In-memory data sets: scikit-learn's digits, a generated 10-class problem, image patches.
 
-Both give images of shape ``(N, 1, 8, 8)`` in ``[0, 1]`` and ``int64`` labels in ``[0, 10)``.
+``digits`` and ``synthetic`` give images of shape ``(N, 1, 8, 8)`` in ``[0, 1]`` and ``int64``
+labels in ``[0, 10)``; ``patches`` gives whitened natural-image patches ``(N, p * p)`` in
+``[0.1, 0.9]`` whose targets are the patches themselves (for ``mse`` autoencoders).
 The split is a fixed function of :class:`~rapydli.config.DataConfig`, so a run is repeatable.
 
 >>> from rapydli.config import DataConfig
@@ -19,13 +21,22 @@ from rapydli.errors import DataError
 
 N_CLASSES = 10
 SYNTHETIC_SAMPLES = 600
+PATCH_SAMPLES = 10000
+#: scikit-image sample images the patches are cut from (colour ones turned grey); all ship
+#: with scikit-image, so they load offline
+PATCH_IMAGES = ("camera", "astronaut", "coins", "moon", "page", "text", "grass", "gravel",
+                "brick", "rocket", "coffee", "chelsea", "clock")
+#: ZCA regulariser added to every eigenvalue of the patch covariance (pixels in [0, 1]); it
+#: whitens the frequencies with more variance than this and damps the weaker, noisier ones
+ZCA_EPSILON = 0.01
 #: blob centres (row, col) of the synthetic classes 0..8; class 9 is one wide central blob
 _CENTRES = [(r, c) for r in (1.5, 3.5, 5.5) for c in (1.5, 3.5, 5.5)]
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test split; arrays are read-only. Images ``(N, C, H, W)``, labels ``(N,)``."""
+    """A train/test split; arrays are read-only. Images ``(N, C, H, W)``, labels ``(N,)``
+    (or real-valued targets, one per sample, for ``mse``)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -38,8 +49,9 @@ class Dataset:
             view = np.asarray(getattr(self, field)).view()  # read-only view; caller's array untouched
             view.setflags(write=False)
             object.__setattr__(self, field, view)
-        validate_arrays(self.x_train, self.y_train, where=f"{self.name}.train")
-        validate_arrays(self.x_test, self.y_test, where=f"{self.name}.test")
+        check = validate_targets if self.targets else validate_arrays
+        check(self.x_train, self.y_train, where=f"{self.name}.train")
+        check(self.x_test, self.y_test, where=f"{self.name}.test")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(f"{self.name}: train and test samples differ in shape; received "
                             f"{self.x_train.shape[1:]} and {self.x_test.shape[1:]}")
@@ -50,7 +62,15 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     @property
+    def targets(self) -> bool:
+        """Are the labels real-valued targets (``mse``) rather than class numbers?"""
+        return self.y_train.dtype.kind == "f"
+
+    @property
     def n_classes(self) -> int:
+        """Number of classes; 0 for real-valued targets."""
+        if self.targets:
+            return 0
         return int(max(self.y_train.max(initial=-1), self.y_test.max(initial=-1))) + 1
 
 
@@ -60,7 +80,8 @@ def load_dataset(cfg: DataConfig, dtype: str = "float32") -> Dataset:
     Parameters
     ----------
     cfg : DataConfig
-        ``name`` ("digits" or "synthetic"), ``test_fraction``, ``seed``, ``n_samples``.
+        ``name`` ("digits", "synthetic" or "patches"), ``test_fraction``, ``seed``,
+        ``n_samples`` (and ``patch_size`` for "patches").
     dtype : str
         ``"float32"`` or ``"float64"`` for the images.
 
@@ -68,7 +89,8 @@ def load_dataset(cfg: DataConfig, dtype: str = "float32") -> Dataset:
     -------
     Dataset
         Images ``(N, 1, 8, 8)`` in ``[0, 1]``, ``int64`` labels; the split is stratified by class
-        and fixed by ``cfg.seed``.
+        and fixed by ``cfg.seed``. "patches": ``(N, patch_size**2)`` patches (see
+        :func:`patches`) whose targets are the patches themselves, split at random.
 
     Examples
     --------
@@ -79,6 +101,10 @@ def load_dataset(cfg: DataConfig, dtype: str = "float32") -> Dataset:
     if dtype not in DTYPES:
         raise DataError(f"load_dataset: dtype must be one of {', '.join(DTYPES)}; "
                         f"received {dtype!r}")
+    if cfg.name == "patches":
+        x = patches(cfg.n_samples or PATCH_SAMPLES, cfg.patch_size, cfg.seed).astype(dtype)
+        x_train, x_test = _split(x, None, cfg.test_fraction, cfg.seed, cfg.name)
+        return Dataset(x_train, x_train, x_test, x_test, cfg.name)  # targets are the inputs
     if cfg.name == "digits":
         x, y = _digits(cfg)
     else:
@@ -92,6 +118,8 @@ def load_dataset(cfg: DataConfig, dtype: str = "float32") -> Dataset:
 def _split(x, y, test_fraction: float, seed: int, name: str):
     from sklearn.model_selection import train_test_split
 
+    if y is None:  # no classes to stratify by
+        return train_test_split(x, test_size=test_fraction, random_state=seed)
     try:
         return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     except ValueError as exc:
@@ -143,6 +171,69 @@ def synthetic(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     blob = amplitude * np.exp(-(rows**2 + cols**2) / (2 * sigma**2))  # (N, 8, 8)
     noisy = blob + rng.normal(0.0, 0.1, size=blob.shape)
     return np.clip(noisy, 0.0, 1.0)[:, None, :, :], y  # (N, 1, 8, 8)
+
+
+def patches(n_samples: int, patch_size: int = 8, seed: int = 0,
+            epsilon: float = ZCA_EPSILON) -> np.ndarray:
+    """Whitened ``patch_size`` x ``patch_size`` patches of natural images, as in UFLDL.
+
+    Samples ``n_samples`` patches (uniformly over :data:`PATCH_IMAGES`, then position; fixed by
+    ``seed``), removes each patch's mean, whitens with ZCA (``epsilon`` added to the covariance
+    eigenvalues), truncates to +-3 standard deviations and maps that range to ``[0.1, 0.9]``,
+    the range a sigmoid output can reconstruct.
+
+    Returns
+    -------
+    ndarray, float64, shape (n_samples, patch_size ** 2): patches flattened row by row
+
+    Examples
+    --------
+    >>> x = patches(500, seed=1)
+    >>> x.shape, float(x.min()) >= 0.1, float(x.max()) <= 0.9
+    ((500, 64), True, True)
+    """
+    images = _grey_images(patch_size)
+    rng = np.random.default_rng(seed)
+    which = rng.integers(0, len(images), n_samples)
+    out = np.empty((n_samples, patch_size * patch_size))
+    for i, k in enumerate(which):
+        image = images[k]
+        r, c = (int(rng.integers(0, n - patch_size + 1)) for n in image.shape)
+        out[i] = image[r:r + patch_size, c:c + patch_size].ravel()
+    x = out - out.mean(axis=1, keepdims=True)  # (N, p*p), each patch's mean removed
+    eigenvalues, u = np.linalg.eigh(x.T @ x / n_samples)
+    zca = (u / np.sqrt(eigenvalues + epsilon)) @ u.T  # (p*p, p*p), symmetric
+    z = x @ zca
+    bound = 3 * z.std()
+    return (np.clip(z, -bound, bound) / bound + 1) * 0.4 + 0.1
+
+
+def _grey_images(patch_size: int) -> list[np.ndarray]:
+    try:
+        import skimage.data
+        from skimage.color import rgb2gray
+    except ImportError:
+        raise DataError("data 'patches' needs scikit-image; pip install scikit-image") from None
+    images = []
+    for name in PATCH_IMAGES:
+        image = getattr(skimage.data, name)()
+        grey = rgb2gray(image[..., :3]) if image.ndim == 3 else image / 255.0  # [0, 1]
+        if min(grey.shape) >= patch_size:
+            images.append(np.asarray(grey, dtype=np.float64))
+    if not images:
+        raise DataError(f"data.patch_size: no sample image is {patch_size} pixels wide; "
+                        "use a smaller patch_size")
+    return images
+
+
+def validate_targets(x, y, where: str = "data") -> None:
+    """Raise :class:`DataError` unless ``x`` and the real-valued targets ``y`` are finite and
+    ``y`` holds one target per sample."""
+    validate_arrays(x, np.zeros(len(x), np.int64), where=where)
+    y = np.asarray(y)
+    if len(y) != len(x) or not np.isfinite(y).all():
+        raise DataError(f"{where}.y: expected {len(x)} finite targets, one per sample of x; "
+                        f"received shape {y.shape}")
 
 
 def validate_arrays(x, y, n_classes: int | None = None, where: str = "data") -> None:
