@@ -336,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", help="output file (default: RUN_DIR/model.FORMAT)")
     export.set_defaults(func=cmd_export)
     _data_parser(sub)
+    from rapydli.scheduler.simulate_cli import add_simulate_parser
     from rapydli.visualize import add_visualize_parser
 
     add_visualize_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 

@@ -1,0 +1,285 @@
+"""The cluster simulator: cluster YAML, hand-computable step times, memory, search, overlap."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rapydli as rd
+from rapydli.errors import ConfigError, PlacementError
+from rapydli.graph.fuse import fuse
+from rapydli.graph.lower import TileGraph, lower
+from rapydli.graph.ops import Ref, TileOp
+from rapydli.graph.report import summarize
+from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
+                                    format_prediction, format_ranking, load_cluster,
+                                    parse_cluster, quantity, search, simulate, simulate_graph)
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def cluster(devices=2, nodes=1, flops=1e3, memory=1e9, bandwidth=1e3, latency=0.0,
+            inter=None, **overhead) -> ClusterSpec:
+    """``nodes`` x ``devices`` devices of ``flops`` FLOP/s, no memory-bandwidth bound."""
+    link = Link(bandwidth, latency)
+    return ClusterSpec("test", nodes, devices, Device(flops, memory), link, inter or link,
+                       Overhead(**overhead))
+
+
+def tiny():
+    """Dense 4 -> 3: forward 2*8*3*4 = 192 FLOPs at batch 8; 15 parameters."""
+    return rd.Sequential([rd.Dense(3)], input_shape=(4,))
+
+
+RAW = {"name": "c", "nodes": 2, "devices_per_node": 4,
+       "device": {"peak_flops": "10 TFLOP/s", "efficiency": 0.5, "memory": "16 GiB",
+                  "memory_bandwidth": "900 GB/s", "kernel_efficiency": {"Conv2D": 0.5}},
+       "links": {"intra_node": {"bandwidth": "25 GB/s", "latency": "5 us"},
+                 "inter_node": {"bandwidth": "56 Gb/s", "latency": "1 us"}},
+       "overhead": {"per_task": "0.3 ms", "dispatch": 0.004}}
+
+
+# ----------------------------------------------------------------------------- YAML
+@pytest.mark.parametrize("value, kind, expected", [
+    ("56 Gb/s", "bandwidth", 7e9), ("12 GB/s", "bandwidth", 12e9), (1e9, "bandwidth", 1e9),
+    ("16 GiB", "bytes", 16 * 2 ** 30), ("16 GB", "bytes", 16e9), ("1 us", "time", 1e-6),
+    ("2.5ms", "time", 2.5e-3), ("10 TFLOP/s", "flops", 1e13), ("50 GFLOPS", "flops", 5e10)])
+def test_quantities_with_units(value, kind, expected):
+    assert quantity(value, kind, "x") == pytest.approx(expected)
+
+
+def test_parse_cluster_fields():
+    spec = parse_cluster(RAW)
+    assert (spec.n_devices, spec.node_of(3), spec.node_of(4)) == (8, 0, 1)
+    assert spec.device.flops == pytest.approx(5e12)  # peak x efficiency
+    assert spec.device.rate("Conv2D") == pytest.approx(2.5e12)
+    assert spec.device.rate("Dense") == pytest.approx(5e12)
+    assert spec.link(0, 3).bandwidth == 25e9 and spec.link(0, 4).bandwidth == 7e9
+    assert spec.overhead == Overhead(per_task=3e-4, dispatch=0.004)
+    again = parse_cluster(yaml_round_trip(spec))
+    assert again.device.memory == pytest.approx(spec.device.memory, rel=1e-5)
+    assert dump_cluster(again) == dump_cluster(spec)
+
+
+def yaml_round_trip(spec):
+    import yaml
+
+    return yaml.safe_load(dump_cluster(spec))
+
+
+@pytest.mark.parametrize("name", ["gpu_infiniband", "cpu_ethernet", "this_machine"])
+def test_example_clusters_load(name):
+    spec = load_cluster(EXAMPLES / "clusters" / f"{name}.yaml")
+    assert spec.n_devices >= 2 and spec.device.flops > 0
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"device": {**RAW["device"], "memory": "16 parsecs"}},
+     r"device\.memory: expected a positive bytes such as .*received '16 parsecs'"),
+    ({"links": {"intra_node": {"bandwidth": "1 GB/s", "latency": "1 us"}}},
+     r"links: missing key 'inter_node'; expected it for nodes: 2"),
+    ({"links": {**RAW["links"], "inter_node": {"bandwith": "1 GB/s", "latency": 0}}},
+     r"links\.inter_node: unknown key 'bandwith' \(did you mean 'bandwidth'\?\)"),
+    ({"device": {**RAW["device"], "flops": "1 TFLOP/s"}},
+     r"device: expected exactly one of 'flops' .* or 'peak_flops'"),
+    ({"device": {**RAW["device"], "efficiency": 1.5}},
+     r"device\.efficiency: expected .* in \(0, 1\].*received 1\.5"),
+    ({"nodes": 0}, r"nodes: expected a positive int; received 0"),
+    ({"overhead": {"dispatch": "-1 ms"}}, r"overhead\.dispatch: expected a non-negative time"),
+    ({"device": {**RAW["device"], "kernel_efficiency": {"Conv2D": 0}}},
+     r"device\.kernel_efficiency\.Conv2D: expected a fraction"),
+])
+def test_cluster_errors_name_the_field(patch, match):
+    with pytest.raises(ConfigError, match=r"cluster 'c\.yaml': " + match):
+        parse_cluster({**RAW, **patch}, source="c.yaml")
+
+
+def test_cluster_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_cluster(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: 1\ndevice: {flops: 1\n")
+    with pytest.raises(ConfigError, match=r"line \d+: invalid YAML"):
+        load_cluster(bad)
+
+
+# ----------------------------------------------------------------------------- step time
+def test_single_worker_is_flops_over_rate_plus_overheads():
+    net, batch = tiny(), 8
+    # forward 192, backward of the first layer (no dx) 192, loss 5*8*3, SGD update 4*15
+    flops = 192 + 192 + 120 + 60
+    spec = cluster(devices=1, flops=1e3, per_task=0.01, per_op=0.001, per_step=0.5)
+    p = simulate(net, None, batch, spec, rd.SGD())
+    graph = lower(net, rd.single(), batch, "train", rd.SGD())
+    n_ops = sum(op.kind != "placeholder" for op in graph.ops())
+    assert p.n_tasks == len(fuse(graph)) and p.n_transfers == 0 and p.exposed_comm == 0
+    assert p.compute_time == pytest.approx(flops / 1e3 + n_ops * 0.001)
+    assert p.step_time == pytest.approx(0.5 + p.compute_time + p.n_tasks * 0.01)
+    unfused = simulate(net, None, batch, spec, rd.SGD(), fused=False)
+    assert unfused.n_tasks == n_ops and unfused.step_time > p.step_time
+
+
+def test_data_parallel_moves_the_all_reduce_bytes():
+    net, batch = tiny(), 8
+    spec = cluster(devices=2, bandwidth=100.0, latency=0.25)
+    p = simulate(net, rd.data_parallel(2), batch, spec, rd.SGD())
+    graph = lower(net, rd.data_parallel(2), batch, "train", rd.SGD())
+    grads = [t for t in p.transfers if "/grad/" in t.name]
+    assert sum(t.nbytes for t in grads) == summarize(graph)["bytes_moved"] == 2 * 15 * 4
+    for t in p.transfers:  # one at a time per direction: nothing queues here
+        assert t.end - t.start == pytest.approx(0.25 + t.nbytes / 100.0)
+    assert p.comm_time == pytest.approx(sum(0.25 + t.nbytes / 100.0 for t in p.transfers))
+
+
+def test_slower_links_predict_slower_steps():
+    net = rd.Sequential([rd.Dense(64, activation="relu"), rd.Dense(10)], input_shape=(32,))
+    fast, slow = (cluster(devices=2, nodes=2, flops=1e9, bandwidth=1e9, latency=1e-6,
+                          inter=Link(bw, 1e-6)) for bw in (1e9, 1e6))
+    p_fast = simulate(net, rd.data_parallel(4), 64, fast, rd.SGD())
+    p_slow = simulate(net, rd.data_parallel(4), 64, slow, rd.SGD())
+    assert p_slow.step_time > 10 * p_fast.step_time  # the gradients cross nodes
+    assert p_slow.bytes_moved == p_fast.bytes_moved
+    inside = simulate(net, rd.data_parallel(2), 64, slow, rd.SGD())  # one node: fast links
+    assert inside.step_time < p_slow.step_time
+
+
+def test_memory_counts_params_state_grads_activations():
+    p = simulate(tiny(), None, 8, cluster(devices=1), rd.SGD(momentum=0.9))
+    (mem,) = p.memory_by_device
+    # 15 weights; x (8, 4) and y (8, 3) kept for the backward pass
+    assert (mem.params, mem.optimizer, mem.gradients, mem.activations) == (60, 60, 60, 224)
+    assert p.fits
+    assert not simulate(tiny(), None, 8, cluster(devices=1, memory=300), rd.SGD(0.1, 0.9)).fits
+    text = format_prediction(dataclasses.replace(p, memory_capacity=100))
+    assert "DOES NOT FIT" in text and "over" in text
+
+
+def test_model_parallel_halves_the_weights_per_device():
+    net = rd.Sequential([rd.Dense(64), rd.Dense(10)], input_shape=(32,))
+    one = simulate(net, None, 16, cluster(devices=2), rd.SGD())
+    two = simulate(net, rd.model_parallel(2), 16, cluster(devices=2), rd.SGD())
+    assert max(m.params for m in two.memory_by_device) < one.memory_by_device[0].params
+
+
+def test_placement_larger_than_cluster_is_an_error():
+    with pytest.raises(PlacementError, match=r"needs 4 workers; cluster 'test'.* has 2"):
+        simulate(tiny(), rd.data_parallel(4), 8, cluster(devices=2), rd.SGD())
+
+
+# ----------------------------------------------------------------------------- overlap
+def overlap_graph(nbytes: int) -> TileGraph:
+    """Worker 0: ``a`` then a long ``b``; ``a``'s output also travels to worker 1 for ``c``."""
+    g = TileGraph()
+    g.add_op(TileOp("a", "forward", "forward", 0, None, flops=1000))
+    g.add_op(TileOp("s", "send", "comm", 0, None, (Ref("a", (), nbytes),), nbytes=nbytes))
+    g.add_op(TileOp("b", "forward", "forward", 0, None, (Ref("a", (), nbytes),), flops=10_000))
+    g.add_op(TileOp("c", "forward", "forward", 1, None, (Ref("s", (), nbytes),), flops=1000))
+    g.graph.update(placeholders={}, outputs={}, meta=dict(
+        mesh=rd.Mesh(model=2), batch=1, mode="eval", dtype=np.dtype("float32"), n_workers=2))
+    return g
+
+
+def test_communication_hides_behind_computation():
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0)
+    p = simulate_graph(overlap_graph(400), spec, fused=False)
+    # a 1 s; the 5 s transfer (1 s latency + 400 B / 100 B/s) runs during b's 10 s; then c
+    assert p.comm_time == pytest.approx(5.0) and p.exposed_comm == pytest.approx(0.0)
+    assert p.step_time == pytest.approx(11.0)
+    assert p.step_time < 1 + 10 + 1 + p.comm_time  # compute + comm, were nothing overlapped
+    bigger = simulate_graph(overlap_graph(2000), spec, fused=False)  # 21 s transfer: exposed
+    assert bigger.step_time == pytest.approx(1 + 21 + 1)
+    assert bigger.exposed_comm == pytest.approx(21 - 10)
+
+
+def test_dispatch_delays_dependents():
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, dispatch=0.5)
+    p = simulate_graph(overlap_graph(400), spec, fused=False)
+    starts = {s.name: s.start for s in p.schedule}
+    assert starts["s"] == pytest.approx(1.5)  # a ends at 1, the scheduler answers 0.5 s later
+    assert starts["c"] == pytest.approx(1.5 + 0.0 + 0.5 + 5.0)
+
+
+def two_independent_ops() -> TileGraph:
+    """1000 FLOPs on worker 0 and 1000 on worker 1, nothing between them."""
+    g = TileGraph()
+    for w in (0, 1):
+        g.add_op(TileOp(f"op{w}", "forward", "forward", w, None, flops=1000))
+    g.graph.update(placeholders={}, outputs={}, meta=dict(
+        mesh=rd.Mesh(data=2), batch=2, mode="eval", dtype=np.dtype("float32"), n_workers=2))
+    return g
+
+
+@pytest.mark.parametrize("node_flops, expected", [(0, 1.0), (2e3, 1.0), (1e3, 2.0), (1.5e3, 4 / 3)])
+def test_devices_of_a_node_share_its_flops(node_flops, expected):
+    spec = dataclasses.replace(cluster(devices=2, flops=1e3), node_flops=node_flops)
+    p = simulate_graph(two_independent_ops(), spec)
+    assert p.step_time == pytest.approx(expected)  # both busy: each at node_flops / 2
+    apart = dataclasses.replace(spec, nodes=2, devices_per_node=1)  # one device per node
+    assert simulate_graph(two_independent_ops(), apart).step_time == pytest.approx(1.0)
+
+
+def test_memory_bound_ops_cost_their_bytes():
+    net, batch = tiny(), 8
+    fast = simulate(net, None, batch, cluster(devices=1, flops=1e12), rd.SGD())
+    slow_memory = ClusterSpec("m", 1, 1, Device(1e12, 1e9, memory_bandwidth=1e3),
+                              Link(1e3, 0), Link(1e3, 0))
+    assert simulate(net, None, batch, slow_memory, rd.SGD()).step_time > 100 * fast.step_time
+
+
+# ----------------------------------------------------------------------------- search
+def test_search_ranks_fastest_fitting_first_and_misfits_last():
+    net = rd.Sequential([rd.Dense(256, activation="relu"), rd.Dense(10)], input_shape=(256,))
+    need = simulate(net, None, 64, cluster(devices=1), rd.SGD()).memory_by_device[0].total
+    spec = cluster(devices=4, flops=1e9, memory=0.8 * need, bandwidth=1e8, latency=1e-5)
+    ranked = search(net, 64, spec, rd.SGD())
+    fits = [p.fits for p in ranked]
+    assert fits[0] and not fits[-1] and fits == sorted(fits, reverse=True)
+    assert ranked[-1].label.startswith("single") or not ranked[-1].fits
+    fitting = [p for p in ranked if p.fits]
+    assert ranked[0].step_time == min(p.step_time for p in fitting)
+    labels = [p.label for p in ranked]
+    assert not any(label.startswith("spatial") for label in labels)  # no conv layers
+    assert {"data_parallel Mesh(data=4)", "hybrid Mesh(data=2, model=2)"} <= set(labels)
+    assert "rank" in format_ranking(ranked).splitlines()[0]
+
+
+def test_search_tries_spatial_for_conv_networks():
+    net = rd.Sequential([rd.Conv2D(4, 3, padding=1), rd.Flatten(), rd.Dense(10)],
+                        input_shape=(1, 8, 8))
+    labels = [p.label for p in search(net, 16, cluster(devices=2, flops=1e9), rd.SGD())]
+    assert "spatial_parallel Mesh(model=2)" in labels and "single Mesh()" in labels
+
+
+# ----------------------------------------------------------------------------- command line
+def run_cli(argv):
+    from rapydli.scheduler.simulate_cli import add_simulate_parser
+
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_prints_prediction_and_search(capsys):
+    config = str(EXAMPLES / "digits_cnn.yaml")
+    gpus = str(EXAMPLES / "clusters" / "gpu_infiniband.yaml")
+    assert run_cli(["simulate", config, "--cluster", gpus, "--mesh", "data=2,model=2"]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid Mesh(data=2, model=2)" in out and "step time" in out
+    assert run_cli(["simulate", config, "--cluster", gpus, "--search", "--top", "3",
+                    "--batch", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "23 candidate placements" in out and "best:" in out
+
+
+@pytest.mark.slow
+def test_calibrate_local_measures_this_machine():
+    from rapydli.scheduler.cost import calibrate_local
+
+    spec = calibrate_local(repeats=1)
+    assert spec.n_devices == 2 and spec.device.flops > 1e8
+    assert spec.overhead.dispatch > 0 and spec.intra_node.bandwidth > 0
+    assert dump_cluster(parse_cluster(yaml_round_trip(spec))) == dump_cluster(spec)
