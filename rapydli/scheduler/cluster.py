@@ -26,6 +26,9 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
     env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                       "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     env.update(WORKER_MALLOC)
+    # worker processes import NumPy (through distributed) before rapydli, so what rapydli sets
+    # on import comes too late there: idle OpenMP and BLAS threads must sleep, not spin
+    env.update(OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="4")
     extra = {"env": env} if processes else {}
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                            processes=processes, dashboard_address=None, **extra,

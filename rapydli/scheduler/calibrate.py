@@ -1,0 +1,230 @@
+"""Calibration: measure this machine as a :class:`~rapydli.scheduler.cluster_spec.ClusterSpec`.
+
+:func:`calibrate_local` times one device (:func:`measure_device`), step-like work on every
+worker at once (:func:`step_rate`) and Dask's own costs (graphs of tiny tasks pinned to
+workers), and returns a one-node cluster that :func:`rapydli.scheduler.cost.simulate` can use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rapydli.errors import PlacementError
+from rapydli.scheduler.cluster_spec import ClusterSpec, Device, Link, Overhead
+
+
+def _mean_seconds(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls after a warm-up: a mean, not a median,
+    so that time lost to other processes counts as it does in a step."""
+    import time
+
+    fn()  # warm-up: first-call compilation, page faults
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def _family_efficiency(layer, in_shape: tuple, flops: float, repeats: int) -> float:
+    """Achieved share of ``flops`` of one layer's forward + backward, counted as the graph does."""
+    rng = np.random.default_rng(0)
+    params = layer.init_params(rng, in_shape[1:], np.float32)
+    x = rng.random(in_shape, dtype=np.float32)
+    y = layer.forward(x, params)
+    dy = np.ones_like(y)
+    seconds = (_mean_seconds(lambda: layer.forward(x, params), repeats)
+               + _mean_seconds(lambda: layer.backward(x, y, params, dy, True), repeats))
+    return min(1.0, 3 * layer.flops(y.shape, in_shape[1:]) / seconds / flops)
+
+
+def measure_device(repeats: int = 5) -> dict:
+    """This process's single-device numbers: float32 matmul FLOP/s at MLP sizes, memory
+    bandwidth of ``a + b`` on 4 MB arrays into a new array (ops allocate their outputs), per-op
+    dispatch seconds and kernel-family efficiencies.
+
+    Run it where the work runs (a Dask worker with 1 thread: :func:`calibrate_local` does).
+    """
+    from rapydli.graph.ops import identity_task, run_fused
+    from rapydli.layers import Conv2D, Dense, MaxPool2D
+
+    rng = np.random.default_rng(0)
+    rates = []
+    for m, k, n in ((128, 784, 1024), (256, 1024, 1024), (256, 1024, 4096)):
+        a, b = rng.random((m, k), dtype=np.float32), rng.random((k, n), dtype=np.float32)
+        rates.append(2 * m * k * n / _mean_seconds(lambda: a @ b, repeats))  # noqa: B023
+    flops = float(np.median(rates))
+    tile = np.ones(1 << 20, np.float32)  # 4 MB, a weight tile; each sum into a new array,
+    bandwidth = 3 * tile.nbytes / _mean_seconds(lambda: tile + tile, repeats)  # as ops do
+    program = tuple((i, identity_task, (((i - 1) if i else 0, ()),), {}) for i in range(1, 201))
+    per_op = _mean_seconds(lambda: run_fused(program, (200,), 0), repeats) / 200
+    families = {"Dense": (Dense(512, activation="relu", name="d"), (256, 512)),
+                "Conv2D": (Conv2D(16, 3, activation="relu", name="c"), (32, 8, 18, 18)),
+                "MaxPool2D": (MaxPool2D(2, name="p"), (32, 16, 16, 16))}
+    efficiency = {name: round(_family_efficiency(layer, shape, flops, repeats), 4)
+                  for name, (layer, shape) in families.items()}
+    return {"flops": flops, "memory_bandwidth": bandwidth, "per_op": per_op,
+            "kernel_efficiency": efficiency}
+
+
+def _noop(*args):
+    return None
+
+
+def _make(nbytes: int):
+    return np.ones(nbytes // 4, np.float32)
+
+
+def _relay(value, hold: float = 0.0):
+    if hold:
+        import time
+
+        time.sleep(hold)
+    return value
+
+
+def _graph_seconds(client, tasks: list[tuple]) -> float:
+    """Seconds for ``client.get`` of the last of ``tasks``: ``(fn, input task indices, literal
+    args, worker)``, one graph layer per task pinned to its worker as the engine's plans do."""
+    import time
+    import uuid
+
+    from dask._task_spec import Task, TaskRef
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"calib-{tag}-{i}" for i in range(len(tasks))]
+    layers, deps = {}, {}
+    for key, (fn, inputs, args, worker) in zip(keys, tasks):
+        refs = [TaskRef(keys[i]) for i in inputs]
+        layers[key] = MaterializedLayer({key: Task(key, fn, *refs, *args)}, annotations={
+            "workers": [worker], "allow_other_workers": False})
+        deps[key] = {keys[i] for i in inputs}
+    start = time.perf_counter()
+    client.get(HighLevelGraph(layers, deps), keys[-1])
+    return time.perf_counter() - start
+
+
+def _chains(workers: list[str], n: int, alternate: bool, nbytes: int = 0,
+            hold: float = 0.0) -> list[tuple]:
+    """One chain of ``n`` dependent tasks per worker, all at once, as a multi-worker step keeps
+    every worker busy: chain ``c`` starts on ``workers[c]`` and stays there or, with
+    ``alternate``, moves to the next worker each task; each task holds its worker ``hold``
+    seconds and passes on ``nbytes``. A last task joins the chains (``None`` travels to the
+    client)."""
+    tasks: list[tuple] = []
+    for c in range(len(workers)):
+        first = len(tasks)
+        tasks.append((_make, (), (nbytes,), workers[c]))
+        for i in range(1, n):
+            where = workers[(c + i) % len(workers)] if alternate else workers[c]
+            tasks.append((_relay, (first + i - 1,), (hold,), where))
+    ends = tuple(range(n - 1, len(tasks), n))
+    return tasks + [(_noop, ends, (), workers[0])]
+
+
+def _fan_in(worker: str, n: int) -> list[tuple]:
+    """``n - 1`` independent tasks on one worker and one that reads them all."""
+    return [(_noop, (), (i,), worker) for i in range(n - 1)] + [(_noop, tuple(range(n - 1)), (),
+                                                                   worker)]
+
+
+def _measure_dask(client, workers: list[str], repeats: int, n: int = 21,
+                  payload: int = 4 << 20, hold: float = 0.005) -> dict:
+    """Dask's costs from chains of tasks (medians over ``repeats`` interleaved rounds).
+
+    Chain tasks hold their worker ``hold`` seconds, as step tasks compute for milliseconds:
+    Dask batches messages to a worker (every 5 ms), so back-to-back empty tasks would also
+    time that batching, which tasks of a real step mostly miss.
+    """
+    one = workers[:1]
+    graphs = {"one": _chains(one, 1, False), "fan": _fan_in(one[0], n),
+              "same": _chains(workers, n, False, 0, hold),
+              "alt": _chains(workers, n, True, 0, hold),
+              "same_p": _chains(workers, n, False, payload, hold),
+              "alt_p": _chains(workers, n, True, payload, hold)}
+    runs: dict[str, list[float]] = {k: [] for k in graphs}
+    for _ in range(repeats + 1):
+        for name, tasks in graphs.items():
+            runs[name].append(_graph_seconds(client, tasks))
+    t = {k: float(np.median(v[1:])) for k, v in runs.items()}  # first round: warm-up
+    hops = n - 1
+    # fan: n - 1 tasks more than "one"; same: n - 1 dispatches, tasks and holds more
+    per_task = max(0.0, (t["fan"] - t["one"]) / hops)
+    dispatch = max(0.0, (t["same"] - t["one"]) / hops - per_task - hold)
+    latency = max(0.0, (t["alt"] - t["same"]) / hops)
+    moving = ((t["alt_p"] - t["same_p"]) - (t["alt"] - t["same"])) / hops
+    return {"per_task": per_task, "dispatch": dispatch, "per_step": max(0.0, t["one"] - per_task),
+            "latency": latency, "bandwidth": payload / max(moving, 1e-6)}
+
+
+def step_rate(seconds: float = 1.5, n_layers: int = 6) -> float:
+    """FLOP/s of step-like work for ``seconds``: forward and backward of ``n_layers`` distinct
+    1024-unit ReLU dense layers in turn at batch 128, on a fresh copy of the input each time.
+    Their weights (4 MB each, 24 MB in all) are a training step's working set: larger than a
+    core's share of a shared last-level cache, so workers computing at once contend for it and
+    for memory, as they do in steps."""
+    import time
+
+    from rapydli.layers import Dense
+
+    rng = np.random.default_rng(0)
+    layer = Dense(1024, activation="relu", name="d")
+    weights = [layer.init_params(rng, (1024,), np.float32) for _ in range(n_layers)]
+    x = rng.random((128, 1024), dtype=np.float32)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() < start + seconds or calls < n_layers:
+        params = weights[calls % n_layers]
+        y = layer.forward(x.copy(), params)
+        layer.backward(x, y, params, np.ones_like(y), True)
+        calls += 1
+    return 3 * layer.flops((128, 1024), (1024,)) * calls / (time.perf_counter() - start)
+
+
+def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> ClusterSpec:
+    """Measure this machine as a :class:`ClusterSpec`: ``n_workers`` Dask worker processes
+    with 1 thread each (``local_client``), one node, Dask TCP on localhost between them.
+
+    Device numbers come from :func:`measure_device` on one worker alone; ``node_flops`` scales
+    that device's rate by how much step-like work (:func:`step_rate`) all workers get done at
+    once relative to one worker alone (the workers share the cores, the memory and the caches
+    with each other, the scheduler, the client and whatever else runs here). Dask's costs come
+    from graphs of tiny tasks (one graph layer per task, pinned to workers as the engine pins
+    them): ``per_step`` is a one-task graph's round trip from the client, ``per_task`` the extra
+    time per independent task on one worker; ``dispatch`` (the extra time per dependent task
+    beyond ``per_task``), link ``latency`` (the extra time per task when consecutive tasks
+    alternate workers) and link ``bandwidth`` (from tasks that pass on 4 MB) are measured with
+    one chain per worker running at once, as a multi-worker step keeps every worker busy, each
+    task holding its worker 5 ms as step tasks compute for milliseconds.
+    Memory is each worker's Dask memory limit.
+    Takes about half a minute.
+    """
+    from rapydli.scheduler.cluster import local_client
+
+    own = client is None
+    if own:
+        client = local_client(n_workers, threads_per_worker=1)
+        client.wait_for_workers(n_workers)
+    try:
+        info = client.scheduler_info()["workers"]
+        workers = sorted(info)
+        if len(workers) < 2:
+            raise PlacementError(f"calibrate_local: expected a client with at least 2 workers "
+                                 f"to time transfers; received {len(workers)}")
+        device = client.submit(measure_device, repeats, pure=False, workers=workers[:1]).result()
+        alone = client.submit(step_rate, pure=False, workers=workers[:1]).result()
+        together = client.gather([client.submit(step_rate, pure=False, workers=[w])
+                                  for w in workers])  # every worker at once, as steps run
+        dask_costs = _measure_dask(client, workers, repeats)
+        memory = float(info[workers[0]].get("memory_limit") or 0) or 1e9
+    finally:
+        if own:
+            cluster = client.cluster
+            client.close()
+            cluster.close()
+    link = Link(dask_costs["bandwidth"], dask_costs["latency"])
+    return ClusterSpec(
+        "this-machine", 1, len(workers),
+        Device(device["flops"], memory, device["memory_bandwidth"],
+               tuple(sorted(device["kernel_efficiency"].items())), "cpu"), link, link,
+        Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"],
+                 dask_costs["per_step"]),
+        node_flops=device["flops"] * min(len(workers), sum(together) / alone))
