@@ -233,6 +233,15 @@ class Engine:
             return to_host(pick(bound.value.result(), bound.path))
         return self.client.submit(_fetch, bound.value, bound.path, pure=False).result()
 
+    def values(self, bounds: list[Bound]) -> list:
+        """:meth:`value` of many bounds in one exchange with the scheduler, not one each."""
+        if self.client is None:
+            return [self.value(b) for b in bounds]
+        futures = [b.value if b.alone else
+                   self.client.submit(_fetch, b.value, b.path, pure=False) for b in bounds]
+        results = self.client.gather(futures)
+        return [to_host(pick(r, b.path)) if b.alone else r for r, b in zip(results, bounds)]
+
     def get_params(self) -> dict[str, np.ndarray]:
         """Full parameters assembled on the client from one replica of each weight tile."""
         return self._assemble("param")
@@ -244,7 +253,7 @@ class Engine:
     def _assemble(self, kind: str) -> dict[str, np.ndarray]:
         shapes = self.network.param_shapes()
         out: dict[str, np.ndarray] = {}
-        done = set()
+        done, wanted = set(), []
         for key in sorted(self.resident):
             info = self.resident_info[key]
             if info[0] != kind:
@@ -254,8 +263,10 @@ class Engine:
             if (name, region) in done:
                 continue
             done.add((name, region))
-            full = out.setdefault(name, np.zeros(shapes[info[1]], self.dtype))
-            full[relative(region, ((0, n) for n in full.shape))] = self.value(self.resident[key])
+            wanted.append((name, info[1], region, self.resident[key]))
+        for (name, pkey, region, _), value in zip(wanted, self.values([w[3] for w in wanted])):
+            full = out.setdefault(name, np.zeros(shapes[pkey], self.dtype))
+            full[relative(region, ((0, n) for n in full.shape))] = value
         if kind == "param":
             for name in shapes:
                 if name not in out and name in self._source:  # in no plan run so far
