@@ -119,7 +119,7 @@ def bind_workers(client, mesh) -> list[str]:
     by host (then by port): consecutive mesh workers share a node where they can, and the
     border exchange between neighbouring tiles stays inside it.
     """
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"], key=_host_and_port)
+    workers = sorted(worker_info(client), key=_host_and_port)
     if mesh.size > len(workers):
         raise PlacementError(
             f"placement needs {mesh.size} workers for {mesh!r} but the cluster has "
@@ -137,3 +137,15 @@ def _host_and_port(address: str) -> tuple:
     except (ValueError, TypeError):
         return (address, 0)
     return (host, int(port or 0))
+
+
+def worker_info(client) -> dict[str, dict]:
+    """Every worker's address and info, fetched from the scheduler now.
+
+    ``Client.scheduler_info()`` returns a cached identity that a periodic refresh may replace,
+    between the fetch and the return, with one listing no workers; asking the scheduler
+    directly has no such window.
+    """
+    if getattr(client, "asynchronous", False) or not hasattr(client, "scheduler"):
+        return dict(client.scheduler_info(n_workers=-1)["workers"])
+    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])

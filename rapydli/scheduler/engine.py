@@ -308,7 +308,9 @@ def _worker_resources(client) -> dict[str, dict]:
     """The Dask resources of every worker, by address (none in-process)."""
     if client is None:
         return {}
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    from rapydli.scheduler.cluster import worker_info
+
+    workers = worker_info(client)
     return {address: info.get("resources", {}) for address, info in workers.items()}
 
 
