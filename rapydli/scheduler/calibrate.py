@@ -197,14 +197,14 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
     Memory is each worker's Dask memory limit.
     Takes about half a minute.
     """
-    from rapydli.scheduler.cluster import local_client
+    from rapydli.scheduler.cluster import local_client, worker_info
 
     own = client is None
     if own:
         client = local_client(n_workers, threads_per_worker=1)
         client.wait_for_workers(n_workers)
     try:
-        info = client.scheduler_info()["workers"]
+        info = worker_info(client)
         workers = sorted(info)
         if len(workers) < 2:
             raise PlacementError(f"calibrate_local: expected a client with at least 2 workers "
