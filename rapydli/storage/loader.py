@@ -274,10 +274,12 @@ class StoreSource:
             if future is None:
                 future = _submit(engine, worker, read_shard, self.url, name,
                                  self.storage_options, self.subset, offsets[name])
-            stream.reading.append((name, future, worker))
+            # asked for now, so its answer is on its way while earlier steps compute
+            summary = _submit(engine, worker, shard_summary, future)
+            stream.reading.append((name, future, summary))
         while stream.n_rows < wanted and stream.reading:
-            name, future, worker = stream.reading.popleft()
-            n, skipped, n_read = _result(_submit(engine, worker, shard_summary, future))
+            name, future, summary = stream.reading.popleft()
+            n, skipped, n_read = _result(summary)
             self.report.add(self.url, name, _Counts(n_read, skipped))
             self._check()
             if n:
