@@ -71,7 +71,7 @@ def _check_choice(value: Any, legal: tuple[str, ...], where: str, what: str = "v
                           f"{', '.join(map(repr, legal))}")
 
 
-def _check_keys(raw: Any, legal: tuple[str, ...], where: str) -> dict:
+def check_keys(raw: Any, legal: tuple[str, ...], where: str) -> dict:
     """``raw`` as a dict, or a ConfigError if it is not a mapping or has an unknown key."""
     if raw is None:
         return {}
@@ -253,7 +253,7 @@ def _normalise_overrides(layers: Any, mesh_axes: tuple[str, ...]) -> tuple[tuple
     for name, tiling in items:
         where = f"placement.layers[{str(name)!r}]"
         if isinstance(tiling, Mapping):
-            _check_keys(tiling, ("batch", "features", "channels", "rows", "cols"), where)
+            check_keys(tiling, ("batch", "features", "channels", "rows", "cols"), where)
             tiling = Tiling(**{k: _tupled(v) for k, v in tiling.items()})
         if not isinstance(tiling, Tiling):
             raise ConfigError(f"{where}: expected a tiling such as {{batch: data, features: "
@@ -330,7 +330,7 @@ class Config:
 # ----------------------------------------------------------------------------- parsing
 def _parse_network(raw: Any) -> NetworkConfig:
     legal = ("input_shape", "layers", "loss")
-    raw = _check_keys(raw, legal, "network")
+    raw = check_keys(raw, legal, "network")
     hint = " (input_shape is one sample's shape without the batch axis, e.g. [1, 8, 8])"
     shape = _require(raw, "input_shape", "network", legal, hint)
     specs = _require(raw, "layers", "network", legal)
@@ -350,7 +350,7 @@ def _parse_optimizer(raw: Any) -> OptimizerConfig:
     name = raw.get("name", "sgd") if isinstance(raw, Mapping) else "sgd"
     _check_choice(name, tuple(optim.OPTIMIZERS), "optimizer.name", "optimizer")
     fields = dataclasses.fields(optim.OPTIMIZERS[name])
-    raw = _check_keys(raw, ("name", *(f.name for f in fields)), "optimizer")
+    raw = check_keys(raw, ("name", *(f.name for f in fields)), "optimizer")
     for f in fields:
         value = raw.get(f.name, f.default)
         ok = isinstance(value, bool) if isinstance(f.default, bool) else (
@@ -363,7 +363,7 @@ def _parse_optimizer(raw: Any) -> OptimizerConfig:
 
 def _parse_section(cls: type, raw: Any, where: str):
     legal = tuple(f.name for f in dataclasses.fields(cls))
-    return cls(**{k: _tupled(v) for k, v in _check_keys(raw, legal, where).items()})
+    return cls(**{k: _tupled(v) for k, v in check_keys(raw, legal, where).items()})
 
 
 def parse_config(mapping: Any, source: str = "<dict>") -> Config:
@@ -394,7 +394,7 @@ def parse_config(mapping: Any, source: str = "<dict>") -> Config:
         if not isinstance(mapping, Mapping):
             raise ConfigError(f"expected a mapping with top-level keys {', '.join(SECTIONS)}; "
                               f"received {type(mapping).__name__}")
-        raw = _check_keys(mapping, SECTIONS, "top level")
+        raw = check_keys(mapping, SECTIONS, "top level")
         _require(raw, "network", "top level", SECTIONS, " (only network is required)")
         return Config(
             data=_parse_section(DataConfig, raw.get("data"), "data"),

@@ -202,8 +202,30 @@ def _window_rows(out: tuple[int, int], kernel: int, stride: int, pad: int) -> tu
     return (start * stride - pad, (stop - 1) * stride - pad + kernel)
 
 
+class _FilterBank:
+    """What Conv2D and LocallyConnected2D share: ``filters`` windows of ``kernel_size`` moved by
+    ``stride``, an activation, a bias; checked the same way."""
+
+    def _check_filter_bank(self) -> None:
+        kind = type(self).__name__
+        if not isinstance(self.filters, int) or self.filters < 1:
+            raise ConfigError(f"{kind}: filters must be a positive int; received {self.filters!r}")
+        if min(self.kernel) < 1 or min(self.strides) < 1:
+            raise ConfigError(f"{kind}: kernel_size and stride must be at least 1; received "
+                              f"kernel_size={self.kernel_size!r}, stride={self.stride!r}")
+        _check_activation(self.activation, kind)
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return _pair(self.kernel_size, "kernel_size", type(self).__name__)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        return _pair(self.stride, "stride", type(self).__name__)
+
+
 @dataclass(frozen=True)
-class Conv2D(Layer):
+class Conv2D(_FilterBank, Layer):
     """2-D convolution (cross-correlation), NCHW; weight is ``(filters, in_channels, kh, kw)``."""
 
     filters: int
@@ -215,23 +237,8 @@ class Conv2D(Layer):
     splittable: ClassVar[tuple[str, ...]] = ("batch", "channels", "rows")
 
     def __post_init__(self):
-        if not isinstance(self.filters, int) or self.filters < 1:
-            raise ConfigError(f"Conv2D: filters must be a positive int; received {self.filters!r}")
-        kernel = _pair(self.kernel_size, "kernel_size", "Conv2D")
-        stride = _pair(self.stride, "stride", "Conv2D")
-        if min(kernel) < 1 or min(stride) < 1:
-            raise ConfigError("Conv2D: kernel_size and stride must be at least 1; received "
-                              f"kernel_size={self.kernel_size!r}, stride={self.stride!r}")
+        self._check_filter_bank()
         _pair(self.padding, "padding", "Conv2D")
-        _check_activation(self.activation, "Conv2D")
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return _pair(self.kernel_size, "kernel_size", "Conv2D")
-
-    @property
-    def strides(self) -> tuple[int, int]:
-        return _pair(self.stride, "stride", "Conv2D")
 
     @property
     def pads(self) -> tuple[int, int]:
@@ -435,7 +442,7 @@ def Tanh(**kw) -> Activation:
 
 
 @dataclass(frozen=True)
-class LocallyConnected2D(Layer):
+class LocallyConnected2D(_FilterBank, Layer):
     """Like :class:`Conv2D` without padding, but with *untied* weights: one filter bank per
     output position, NCHW.
 
@@ -458,21 +465,7 @@ class LocallyConnected2D(Layer):
     splittable: ClassVar[tuple[str, ...]] = ("batch", "channels", "rows")
 
     def __post_init__(self):
-        if not isinstance(self.filters, int) or self.filters < 1:
-            raise ConfigError("LocallyConnected2D: filters must be a positive int; received "
-                              f"{self.filters!r}")
-        if min(self.kernel) < 1 or min(self.strides) < 1:
-            raise ConfigError("LocallyConnected2D: kernel_size and stride must be at least 1; "
-                              f"received kernel_size={self.kernel_size!r}, stride={self.stride!r}")
-        _check_activation(self.activation, "LocallyConnected2D")
-
-    @property
-    def kernel(self) -> tuple[int, int]:
-        return _pair(self.kernel_size, "kernel_size", "LocallyConnected2D")
-
-    @property
-    def strides(self) -> tuple[int, int]:
-        return _pair(self.stride, "stride", "LocallyConnected2D")
+        self._check_filter_bank()
 
     def output_shape(self, input_shape):
         _expect_rank(self, input_shape, 3, "image (channels, rows, cols)")

@@ -15,7 +15,6 @@ and :func:`parse_cluster` read it from YAML, with units (``"16 GB"``, ``"56 Gb/s
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from rapydli.config import check_keys  # unknown keys, with "did you mean"
 from rapydli.errors import ConfigError, RapydliError
 
 # ----------------------------------------------------------------------------- quantities
@@ -168,23 +168,8 @@ _DEVICE = ("kind", "flops", "peak_flops", "efficiency", "memory", "memory_bandwi
            "kernel_efficiency")
 
 
-def _mapping(raw: Any, legal: tuple[str, ...], where: str) -> dict:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(legal)}; "
-                          f"received {type(raw).__name__} {raw!r}")
-    for key in raw:
-        if key not in legal:
-            close = difflib.get_close_matches(str(key), legal, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}; expected keys "
-                              f"{', '.join(legal)}")
-    return dict(raw)
-
-
 def _parse_device(raw: Any) -> Device:
-    raw = _mapping(raw, _DEVICE, "device")
+    raw = check_keys(raw, _DEVICE, "device")
     if ("flops" in raw) == ("peak_flops" in raw):
         raise ConfigError("device: expected exactly one of 'flops' (achieved FLOP/s) or "
                           f"'peak_flops' (with 'efficiency', the achieved fraction); received "
@@ -214,7 +199,7 @@ def _parse_device(raw: Any) -> Device:
 
 
 def _parse_link(raw: Any, where: str) -> Link:
-    raw = _mapping(raw, ("bandwidth", "latency"), where)
+    raw = check_keys(raw, ("bandwidth", "latency"), where)
     for key in ("bandwidth", "latency"):
         if key not in raw:
             raise ConfigError(f"{where}: missing key {key!r}; expected bandwidth (e.g. '56 Gb/s') "
@@ -224,7 +209,7 @@ def _parse_link(raw: Any, where: str) -> Link:
 
 
 def _parse_links(raw: Any, nodes: int) -> tuple[Link, Link]:
-    raw = _mapping(raw, ("intra_node", "inter_node"), "links")
+    raw = check_keys(raw, ("intra_node", "inter_node"), "links")
     if "intra_node" not in raw:
         raise ConfigError("links: missing key 'intra_node' (bandwidth and latency between two "
                           "devices of one node)")
@@ -245,18 +230,18 @@ def parse_cluster(mapping: Any, source: str = "<dict>") -> ClusterSpec:
     Errors name ``source`` and the dotted path of the field at fault.
     """
     try:
-        raw = _mapping(mapping, _TOP, "top level")
+        raw = check_keys(mapping, _TOP, "top level")
         for key in ("nodes", "devices_per_node", "device", "links"):
             if key not in raw:
                 raise ConfigError(f"top level: missing key {key!r}; expected keys "
                                   f"{', '.join(_TOP)} (name, node and overhead are optional)")
         nodes = _check_count(raw["nodes"], "nodes")
         intra, inter = _parse_links(raw["links"], nodes)
-        overhead_raw = _mapping(raw.get("overhead"), tuple(
+        overhead_raw = check_keys(raw.get("overhead"), tuple(
             f.name for f in dataclasses.fields(Overhead)), "overhead")
         overhead = Overhead(**{k: quantity(v, "time", f"overhead.{k}", positive=False)
                                for k, v in overhead_raw.items()})
-        node = _mapping(raw.get("node"), ("flops",), "node")
+        node = check_keys(raw.get("node"), ("flops",), "node")
         return ClusterSpec(str(raw.get("name", Path(source).stem)), nodes,
                            raw["devices_per_node"], _parse_device(raw["device"]), intra, inter,
                            overhead, quantity(node.get("flops", 0), "flops", "node.flops",

@@ -227,16 +227,15 @@ class Engine:
 
     def value(self, bound: Bound):
         """The value a :class:`Bound` points at, brought to the client."""
-        if self.client is None:
-            return to_host(pick(bound.value, bound.path))
-        if bound.alone:  # nothing else in that task's output: fetch it whole, no extra task
-            return to_host(pick(bound.value.result(), bound.path))
-        return self.client.submit(_fetch, bound.value, bound.path, pure=False).result()
+        return self.values([bound])[0]
 
     def values(self, bounds: list[Bound]) -> list:
-        """:meth:`value` of many bounds in one exchange with the scheduler, not one each."""
+        """:meth:`value` of many bounds in one exchange with the scheduler, not one each.
+
+        A bound that is all its task holds is fetched whole; any other is picked on its
+        worker first, so only the part asked for travels."""
         if self.client is None:
-            return [self.value(b) for b in bounds]
+            return [to_host(pick(b.value, b.path)) for b in bounds]
         futures = [b.value if b.alone else
                    self.client.submit(_fetch, b.value, b.path, pure=False) for b in bounds]
         results = self.client.gather(futures)
