@@ -13,7 +13,7 @@ from dask._task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from rapydli.graph.fuse import fuse
-from rapydli.graph.ops import Ref, pick, run_fused
+from rapydli.graph.ops import Ref, aligned, pick, run_fused
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Bound:
 
 
 def run_task(program, keep, prefixes, *values):
-    """Entry point of every Dask task of a plan: pick bound values, then run the ops."""
-    return run_fused(program, keep, *(pick(v, p) for v, p in zip(values, prefixes)))
+    """Entry point of every Dask task of a plan: pick bound values (realigned where they
+    arrived misaligned, see :func:`aligned`), then run the ops."""
+    return run_fused(program, keep, *(aligned(pick(v, p)) for v, p in zip(values, prefixes)))
 
 
 class StepPlan:

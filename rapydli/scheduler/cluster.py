@@ -2,44 +2,76 @@
 system through dask-jobqueue; and binding a mesh's coordinates to worker addresses."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 from rapydli.errors import ClusterError, PlacementError
 
 
-#: glibc malloc settings for worker processes. The nanny sets MALLOC_TRIM_THRESHOLD_=65536,
-#: which also freezes malloc's mmap threshold at 128 KiB: every activation or gradient array
-#: of a step is then a fresh mmap, zeroed page by page, and returned at once. Measured on the
-#: MLP step of benchmarks/overhead.py: 260k minor page faults against 41k with glibc's
-#: defaults. Arrays up to 32 MiB come from the heap instead, and only free space beyond
-#: 256 MiB at its top is returned to the system.
+#: glibc malloc settings for worker processes. The nanny's default MALLOC_TRIM_THRESHOLD_=65536
+#: also freezes malloc's mmap threshold at 128 KiB: every activation or gradient array of a
+#: step is then a fresh mmap, zeroed page by page, and returned at once (measured on the MLP
+#: step of benchmarks/overhead.py inside a worker: 486k minor page faults per 90 steps against
+#: 34k in a plain process, and 1.5x its time). Arrays up to 32 MiB come from the heap instead,
+#: and only free space beyond 256 MiB at its top is returned to the system.
 WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment of a worker process with ``threads`` Dask threads: as many BLAS, OpenMP and
+    Numba threads, idle pools that sleep rather than spin (the process shares its cores with
+    the scheduler and client), and :data:`WORKER_MALLOC`.
+
+    All of it is read when the process or a library starts, so it must be in place before the
+    worker process is spawned (``distributed.nanny.pre-spawn-environ``), not set inside it.
+    """
+    env = {name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                            "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env.update(WORKER_MALLOC, OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="4")
+    return env
 
 
 def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = True):
     """An embedded ``LocalCluster`` with one worker process per mesh worker, each with
-    ``threads_per_worker`` Dask threads and as many BLAS, OpenMP and Numba threads."""
+    ``threads_per_worker`` Dask threads and the environment of :func:`worker_environ`."""
     from distributed import Client, LocalCluster
 
-    # the nanny pins worker BLAS/OpenMP pools to 1 thread; a worker of T threads gets T
-    threads = str(threads_per_worker)
-    env = {name: threads for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                      "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
-    env.update(WORKER_MALLOC)
-    # worker processes import NumPy (through distributed) before rapydli, so what rapydli sets
-    # on import comes too late there: idle OpenMP and BLAS threads must sleep, not spin
-    env.update(OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="4")
-    extra = {"env": env} if processes else {}
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                           processes=processes, dashboard_address=None, **extra,
-                           scheduler_kwargs={"dashboard_address": ":0"},  # a free port
-                           silence_logs=logging.ERROR)
+    env = worker_environ(threads_per_worker)
+    with _pre_spawn(env if processes else {}):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=processes, dashboard_address=None,
+                               scheduler_kwargs={"dashboard_address": ":0"},  # a free port
+                               silence_logs=logging.ERROR)
     client = Client(cluster)
     if processes:
         from rapydli.scheduler.plugins import BlasThreads
 
         client.register_plugin(BlasThreads(threads_per_worker))
     return client
+
+
+@contextlib.contextmanager
+def _pre_spawn(env: dict[str, str]):
+    """Nannies created inside set ``env`` before they spawn (and respawn) their worker.
+
+    A nanny takes the names in ``distributed.nanny.pre-spawn-environ`` and, for each, the value
+    of this process's environment where it has one, else the configured one; so both are set
+    here while the nannies are made, and this process's environment is put back after."""
+    import dask
+
+    merged = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **env}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": merged}):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cuda_client(n_workers: int):

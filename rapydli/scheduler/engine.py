@@ -18,7 +18,7 @@ import dask
 import numpy as np
 
 from rapydli.graph.lower import lower
-from rapydli.graph.ops import pick
+from rapydli.graph.ops import aligned, pick
 from rapydli.graph.tiles import relative
 from rapydli.graph.to_dask import Bound, Loc, StepPlan
 from rapydli.graph.unroll import unroll
@@ -162,9 +162,10 @@ class Engine:
         if self.client is None:
             return to_device(array) if gpu else array
         future = self.client.scatter(array, workers=[address], hash=False)
-        if gpu:  # copied to the device on the worker itself, never through the client
-            future = self.client.submit(to_device, future, workers=[address], pure=False)
-        return future
+        # settled on the worker itself: copied to the device (never through the client), or
+        # to aligned memory (scattered arrays arrive as views into the received frame)
+        return self.client.submit(to_device if gpu else aligned, future, workers=[address],
+                                  pure=False)
 
     def _resident(self, key: str, info: tuple) -> Bound:
         if key not in self.resident and self._init_seed is not None:

@@ -1,0 +1,35 @@
+"""The embedded cluster: worker processes start with the environment rapydli asks for."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from rapydli.scheduler.cluster import local_client, worker_environ
+
+
+def _start_environ() -> dict[str, str]:
+    """This process's environment as it was when the process started (what glibc's malloc,
+    OpenMP and OpenBLAS read), not as Python code changed it since."""
+    raw = open(f"/proc/{os.getpid()}/environ", "rb").read().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_start_with_malloc_and_thread_settings_and_the_client_keeps_its_own():
+    want = worker_environ(2)
+    before = {name: os.environ.get(name) for name in want}
+    client = local_client(1, threads_per_worker=2)
+    try:
+        assert {name: os.environ.get(name) for name in want} == before
+        (started,) = client.run(_start_environ).values()
+        # set before the process was spawned, not inside it: glibc reads MALLOC_* and OpenMP
+        # reads OMP_WAIT_POLICY once, when they start
+        assert {name: started.get(name) for name in want} == want
+        assert want["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+        assert want["OMP_NUM_THREADS"] == want["OPENBLAS_NUM_THREADS"] == "2"
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
