@@ -116,28 +116,35 @@ def batches(n: int, batch: int, count: int, start: int = 0):
 
 
 def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = None,
-              steps_per_task: int = 1) -> float:
+              steps_per_task=1) -> float:
     """Seconds for training steps on ``indices``, submitted ahead like ``rapydli.fit`` does.
 
     Up to ``rapydli.trainer.MAX_IN_FLIGHT`` steps are in flight beyond the one whose metrics
     are collected next; the clock stops when the last step's metrics are on the client.
-    With ``steps_per_task > 1`` that many steps are unrolled into one graph, as
-    ``fit(steps_per_task=...)`` does.
+    ``steps_per_task`` steps are unrolled into one graph, as ``fit(steps_per_task=...)``
+    does; pass a :class:`rapydli.trainer.TaskSize` to size the graphs as ``"auto"`` does (it
+    keeps what it measured from one call to the next).
     """
-    from rapydli.trainer import MAX_IN_FLIGHT
+    from rapydli.trainer import MAX_IN_FLIGHT, TaskSize
 
+    size = steps_per_task if isinstance(steps_per_task, TaskSize) else \
+        TaskSize(steps_per_task, distributed=True)
     limit = MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
-    k = steps_per_task
-    groups = [indices[i:i + k] if k > 1 else indices[i] for i in range(0, len(indices), k)]
-    limit = max(1, limit // k)
-    pending = []
+    pending: list = []
     start = time.perf_counter()
-    for index in groups:
-        pending.append(engine.run("train", index, data)["metrics"])
-        if len(pending) > limit:
-            engine.value(pending.pop(0))
-    for bound in pending:
+    i = 0
+    while i < len(indices):
+        k = min(size.steps, len(indices) - i)
+        group = indices[i:i + k] if k > 1 else indices[i]
+        pending.append((engine.run("train", group, data)["metrics"], k))
+        i += k
+        if len(pending) > max(1, limit // k):
+            bound, n = pending.pop(0)
+            engine.value(bound)
+            size.arrived(n)
+    for bound, n in pending:
         engine.value(bound)
+        size.arrived(n)
     return time.perf_counter() - start
 
 

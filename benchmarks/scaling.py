@@ -11,7 +11,9 @@ steps submitted ahead as ``rapydli.fit`` does (``MAX_IN_FLIGHT``); rounds altern
 
 Goals: speedup >= 1.7x (data parallel, MLP batch 512) and >= 1.5x (model parallel, 4096 wide).
 
-    python benchmarks/scaling.py [--rounds 5] [--steps 6] [--mp-steps 3] [--mp-batch 256]
+Steps go into task graphs as ``fit`` puts them by default (``--steps-per-task auto``).
+
+    python benchmarks/scaling.py [--rounds 5] [--steps 24] [--mp-steps 3] [--mp-batch 256]
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ import argparse
 import _common as C
 
 
-def measure(label, net, batch, steps, rounds, engines, samples):
-    """Median seconds per step of each engine, rounds alternating between them."""
+def measure(label, net, batch, steps, rounds, engines, samples, sizes):
+    """Median seconds per step of each engine, rounds alternating between them; ``sizes``
+    holds each engine's steps per task (or its ``TaskSize``)."""
     times = {k: [] for k in engines}
     for r in range(rounds + 1):
         indices = C.batches(samples, batch, steps, start=r * steps)
         for key, engine in engines.items():
-            seconds = C.run_steps(engine, indices)
+            seconds = C.run_steps(engine, indices, steps_per_task=sizes[key])
             if r:
                 times[key].append(seconds / steps)
     return {k: C.median(v) for k, v in times.items()}
@@ -35,16 +38,21 @@ def measure(label, net, batch, steps, rounds, engines, samples):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up")
-    parser.add_argument("--steps", type=int, default=6, help="pipelined steps a run, data parallel")
+    parser.add_argument("--steps", type=int, default=24, help="pipelined steps a run, data parallel")
     parser.add_argument("--batch", type=int, default=512, help="data-parallel batch")
     parser.add_argument("--mp-steps", type=int, default=3, help="pipelined steps a run, model parallel")
     parser.add_argument("--mp-batch", type=int, default=256, help="model-parallel batch")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--skip-mp", action="store_true", help="data parallel only")
+    parser.add_argument("--steps-per-task", default="auto",
+                        help="steps unrolled per task: a number, or 'auto' (fit's default)")
     args = parser.parse_args()
     C.pin_threads(1)  # workers inherit 1 BLAS thread; the client process stays light
 
     import rapydli as rd
+    from rapydli.trainer import TaskSize
+
+    spt = args.steps_per_task if args.steps_per_task == "auto" else int(args.steps_per_task)
 
     print(C.machine_line())
     c1 = C.cluster_client(1, 1)
@@ -60,12 +68,15 @@ def main() -> None:
         for label, net, batch, steps, placement, goal in cases:
             engines = {"1": C.make_engine(net, None, c1, n_samples=args.samples),
                        "2": C.make_engine(net, placement, c2, n_samples=args.samples)}
-            t = measure(label, net, batch, steps, args.rounds, engines, args.samples)
+            sizes = {n: TaskSize(spt, distributed=True) for n in engines}
+            t = measure(label, net, batch, steps, args.rounds, engines, args.samples, sizes)
             speedup = t["1"] / t["2"]
             widths = "-".join(str(w) for w in (net.input_shape[0], *(
                 layer.units for layer in net.layers)))
             for n in ("1", "2"):
-                rows.append([label, widths, batch, n, engines[n].plan(batch, "train").n_tasks,
+                k = sizes[n].steps
+                rows.append([label, widths, batch, n,
+                             f"{engines[n].plan(batch, 'train', k).n_tasks / k:.2f} ({k})",
                              f"{t[n] * 1e3:.0f}", f"{batch / t[n]:,.0f}",
                              f"{speedup:.2f}x" if n == "2" else "", f"{speedup / 2:.0%}" if
                              n == "2" else "", f">= {goal}x" if n == "2" else ""])
@@ -76,6 +87,7 @@ def main() -> None:
         C.close_client(c1)
         C.close_client(c2)
     print(f"\n{args.rounds} rounds (medians), steps pipelined (MAX_IN_FLIGHT), 1 thread per worker")
+    print(f"steps per task: {args.steps_per_task} (in brackets: the size the last round used)")
     print(C.table(["placement", "MLP", "batch", "workers", "tasks/step", "step ms", "samples/s",
                    "speedup", "efficiency", "goal"], rows,
                   ["<", "<", ">", ">", ">", ">", ">", ">", ">", ">"]))

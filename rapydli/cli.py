@@ -228,6 +228,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _steps_per_task(text: str) -> int | str:
+    """``--steps-per-task``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
 def _options(text: str | None) -> dict | None:
     """``--storage-options '{"anon": true}'`` as a dict."""
     from rapydli.errors import ConfigError
@@ -306,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kind of cluster to start when no --scheduler is given: worker "
                             "processes here (local), one per GPU (local-cuda, needs dask-cuda), "
                             "or batch jobs (slurm, pbs; needs dask-jobqueue)")
-    train.add_argument("--steps-per-task", type=int, default=1,
-                       help="unroll this many training steps into one task graph")
+    train.add_argument("--steps-per-task", type=_steps_per_task, default="auto",
+                       help="unroll this many training steps into one task graph; 'auto' "
+                            "(default): about half a second of work per task")
     train.add_argument("--mesh", help="override the placement mesh, e.g. data=2,model=2")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import math
 import time
 
 import numpy as np
@@ -30,6 +31,50 @@ MAX_IN_FLIGHT = 4
 MAX_RECOVERIES = 3
 #: seconds to wait for the cluster to have enough workers again
 RECOVERY_TIMEOUT = 120
+#: ``steps_per_task="auto"``: steps are unrolled into one task until it runs about this long.
+#: Each submitted graph costs the scheduler and client some 10-20 ms of CPU (measured with
+#: the MLP of benchmarks/overhead.py on a 1-worker LocalCluster), taken from the cores the
+#: kernels run on; at half a second a task that share is a few percent.
+TASK_SECONDS = 0.5
+#: the most steps ``"auto"`` puts in one task
+MAX_STEPS_PER_TASK = 64
+
+
+class TaskSize:
+    """How many training steps go into the next task graph: a fixed number, or ``"auto"``.
+
+    ``"auto"`` starts at one step and, from the measured seconds per step (the time between
+    the arrivals of consecutive results while steps are pipelined), takes the largest power of
+    two of steps that fits in :data:`TASK_SECONDS`, at most :data:`MAX_STEPS_PER_TASK`. The
+    grouping never changes the numbers (an unrolled graph runs the same ops in the same
+    order); in-process (no cluster, nothing to schedule) "auto" is one step.
+    """
+
+    def __init__(self, steps_per_task, distributed: bool):
+        if steps_per_task != "auto" and not (isinstance(steps_per_task, int)
+                                             and steps_per_task >= 1):
+            raise ValueError(f"steps_per_task must be a positive integer or 'auto', "
+                             f"got {steps_per_task!r}")
+        self.auto = steps_per_task == "auto" and distributed
+        self.steps = 1 if steps_per_task == "auto" else steps_per_task
+        #: smoothed seconds per step ("auto"), None until measured
+        self.per_step: float | None = None
+        self._last: float | None = None
+
+    def arrived(self, steps: int) -> None:
+        """The results of a graph of ``steps`` steps arrived: re-size the next graphs."""
+        now = time.perf_counter()
+        if self.auto and self._last is not None:
+            seconds = (now - self._last) / steps
+            self.per_step = seconds if self.per_step is None else \
+                0.7 * self.per_step + 0.3 * seconds
+            fit = max(1.0, TASK_SECONDS / max(self.per_step, 1e-9))
+            self.steps = min(MAX_STEPS_PER_TASK, 2 ** int(math.log2(fit)))
+        self._last = now
+
+    def pause(self) -> None:
+        """Work other than steps follows (evaluation, snapshots): do not time across it."""
+        self._last = None
 
 
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
@@ -50,12 +95,13 @@ class Trainer:
     """Runs ``epochs`` over ``source`` (see :mod:`rapydli.storage.loader`) on an engine."""
 
     def __init__(self, network, source, *, placement, optimizer, client, dtype, fused,
-                 batch_size: int, seed: int, steps_per_task: int = 1, validation=None,
+                 batch_size: int, seed: int, steps_per_task: int | str = 1, validation=None,
                  eval_every: int = 1, checkpoints=None, checkpoint_every: int | None = None,
                  bar=None, on_epoch=None, on_checkpoint=None):
         self.network, self.source, self.placement = network, source, placement
         self.optimizer, self.client, self.dtype, self.fused = optimizer, client, dtype, fused
-        self.batch_size, self.seed, self.steps_per_task = batch_size, seed, steps_per_task
+        self.batch_size, self.seed = batch_size, seed
+        self.task_size = TaskSize(steps_per_task, client is not None)
         self.validation, self.eval_every = validation, eval_every
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.bar, self.on_epoch, self.on_checkpoint = bar, on_epoch, on_checkpoint
@@ -139,10 +185,12 @@ class Trainer:
                                   self._position)
         steps = itertools.islice(steps, self.epoch_step, None)  # resumed: skip what is done
         pending: list = []
-        for chunk in _chunks(steps, self.steps_per_task):
+        size = self.task_size
+        size.pause()
+        for chunk in _chunks(steps, lambda: size.steps):
             index = [i for _, i in chunk] if len(chunk) > 1 else chunk[0][1]
             pending.append((self.engine.run("train", index, chunk[0][0])["metrics"], chunk))
-            if len(pending) > max(1, MAX_IN_FLIGHT // self.steps_per_task):
+            if len(pending) > max(1, MAX_IN_FLIGHT // len(chunk)):
                 self._collect(pending.pop(0))
             every = self.checkpoint_every
             submitted = self.step + sum(len(c) for _, c in pending)
@@ -151,6 +199,7 @@ class Trainer:
                     self._collect(pending.pop(0))
                 self.sums[3] = time.perf_counter() - start
                 self.take_snapshot(save=True)
+                size.pause()
         while pending:
             self._collect(pending.pop(0))
         self._finish_epoch(epochs, time.perf_counter() - start)
@@ -163,6 +212,7 @@ class Trainer:
             self.sums[0] += loss * n
             self.sums[1] += int(n_correct)
             self.sums[2] += n
+        self.task_size.arrived(len(chunk))
         self.epoch_step += len(chunk)
         self.step += len(chunk)
         if self.bar is not None:
@@ -206,8 +256,9 @@ class Trainer:
                            f"{event['resumed_from_step']}")
 
 
-def _chunks(steps, k: int):
-    """Runs of up to ``k`` consecutive steps on the same data and batch shape (one graph each)."""
+def _chunks(steps, size):
+    """Runs of up to ``size()`` consecutive steps on the same data and batch shape (one graph
+    each; ``size`` is asked again for every run)."""
     chunk: list = []
     for name, index in steps:
         index = np.asarray(index, dtype=np.int64)
@@ -215,7 +266,7 @@ def _chunks(steps, k: int):
             yield chunk
             chunk = []
         chunk.append((name, index))
-        if len(chunk) == k:  # submitted before the source is asked for more
+        if len(chunk) >= size():  # submitted before the source is asked for more
             yield chunk
             chunk = []
     if chunk:

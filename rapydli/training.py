@@ -87,7 +87,8 @@ class History:
 def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, params=None, opt_state=None,
         validation_data=None, client=None, dtype="float32", progress: bool = False,
-        on_epoch=None, fused: bool = True, steps_per_task: int = 1, eval_every: int = 1,
+        on_epoch=None, fused: bool = True, steps_per_task: int | str = "auto",
+        eval_every: int = 1,
         checkpoints=None, checkpoint_every: int | None = None, resume=None,
         on_checkpoint=None) -> History:
     """Train ``network``; returns a :class:`History` with the final params.
@@ -101,7 +102,10 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     ``validation_data`` is given), ``samples_per_s`` and ``seconds``.
     The test split is evaluated every ``eval_every`` epochs and after the last one.
     ``steps_per_task > 1`` unrolls that many steps into one graph (see
-    :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers.
+    :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers; ``"auto"`` (the
+    default) sizes the graphs from the measured step time on a cluster (about half a second
+    of work each, see :class:`rapydli.trainer.TaskSize`) and runs one step at a time
+    in-process.
 
     With ``checkpoints`` (a :class:`~rapydli.storage.checkpoint.Checkpoints`), a checkpoint is
     written every ``checkpoint_every`` steps and at the end; ``resume=(params, opt_state,

@@ -85,13 +85,58 @@ def test_unrolled_steps_equal_separate_steps(client, problem, placement):
     net, x, y = problem
     kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=2, batch_size=20, seed=2,
                   placement=placement, client=client if placement else None)
-    one = rd.fit(net, x, y, **kwargs)
+    one = rd.fit(net, x, y, steps_per_task=1, **kwargs)
     three = rd.fit(net, x, y, steps_per_task=3, **kwargs)
     assert one["loss"] == three["loss"] and one["train_accuracy"] == three["train_accuracy"]
     for key, value in one.params.items():
         np.testing.assert_array_equal(three.params[key], value)
     for key, value in one.opt_state.items():
         np.testing.assert_array_equal(three.opt_state[key], value)
+
+
+def test_auto_task_size_follows_the_measured_step_time(monkeypatch):
+    from rapydli import trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+
+    def sizes(per_step: float, distributed: bool = True) -> list[int]:
+        size, seen = trainer.TaskSize("auto", distributed), []
+        for _ in range(8):
+            clock[0] += per_step * size.steps
+            size.arrived(size.steps)
+            seen.append(size.steps)
+        return seen
+
+    assert sizes(0.03)[-1] == 16  # 0.5 s / 0.03 s per step: 16 steps (a power of two)
+    assert sizes(2.0) == [1] * 8  # steps longer than a task: one each
+    assert sizes(1e-5)[-1] == trainer.MAX_STEPS_PER_TASK
+    assert sizes(0.03, distributed=False) == [1] * 8  # in-process: nothing to amortise
+    assert trainer.TaskSize(5, True).steps == 5
+    for bad in (0, -2, 1.5, "fast"):
+        with pytest.raises(ValueError, match="steps_per_task"):
+            trainer.TaskSize(bad, True)
+
+
+def test_auto_task_size_unrolls_and_keeps_the_numbers(client, problem, monkeypatch):
+    """With "auto", the steps of a run go into graphs of growing size; the numbers equal
+    those of one step per graph, bit for bit."""
+    from rapydli import trainer
+
+    net, x, y = problem
+    monkeypatch.setattr(trainer, "TASK_SECONDS", 60.0)  # every measured step is short
+    seen: list[int] = []
+    arrived = trainer.TaskSize.arrived
+    monkeypatch.setattr(trainer.TaskSize, "arrived",
+                        lambda self, steps: (seen.append(steps), arrived(self, steps)))
+    kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=8, seed=2,
+                  placement=rd.hybrid(1, 2), client=client)
+    auto = rd.fit(net, x, y, steps_per_task="auto", **kwargs)
+    assert max(seen) >= 4 and sum(seen) == 3 * (len(x) // 8)
+    one = rd.fit(net, x, y, steps_per_task=1, **kwargs)
+    assert auto["loss"] == one["loss"]
+    for key, value in one.params.items():
+        np.testing.assert_array_equal(auto.params[key], value)
 
 
 def test_unrolled_plan_is_one_task_on_one_worker(problem):

@@ -6,6 +6,7 @@ starting with ``$`` that the engine binds per step (data, batch indices, residen
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable
@@ -206,6 +207,29 @@ def run_fused(program: tuple, keep: tuple, *values) -> dict:
     ``(i, pick)`` for the ``i``-th external value or ``(key, pick)`` for an earlier op.
     """
     env: dict[Any, Any] = dict(enumerate(values))
+    seconds = _OP_SECONDS
     for key, fn, slots, kwargs in program:
-        env[key] = fn(*(pick(env[src], path) for src, path in slots), **kwargs)
+        args = [pick(env[src], path) for src, path in slots]
+        if seconds is None:
+            env[key] = fn(*args, **kwargs)
+            continue
+        start = time.perf_counter()
+        env[key] = fn(*args, **kwargs)
+        seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - start
     return {k: env[k] for k in keep}
+
+
+#: seconds per op function added up by :func:`run_fused` while :func:`time_ops` is on
+_OP_SECONDS: dict[str, float] | None = None
+
+
+def time_ops(on: bool = True) -> dict[str, float]:
+    """Start (``on``) or stop adding up, in this process, the seconds each op function of the
+    tasks run here takes; returns the sums since the last call and starts afresh.
+
+    What a step spends outside these calls is the runtime's: scheduling, transfers, Python
+    glue. Run it on workers with ``client.run(time_ops)`` (``benchmarks/overhead.py``).
+    """
+    global _OP_SECONDS
+    sums, _OP_SECONDS = _OP_SECONDS or {}, ({} if on else None)
+    return sums
