@@ -4,7 +4,8 @@
 epoch_step)``; with the data order a function of ``(seed, epoch)``
 (:func:`rapydli.storage.loader.epoch_rng`), a position plus the parameters and optimizer state is
 everything needed to continue. The trainer keeps such a *snapshot* in memory at every checkpoint
-and epoch boundary, and writes it to disk every ``checkpoint_every`` steps and at the end when
+and at the end of an epoch once :data:`SNAPSHOT_SECONDS` have passed since the last one, and
+writes it to disk every ``checkpoint_every`` steps and at the end when
 given a :class:`~rapydli.storage.checkpoint.Checkpoints`.
 
 When a worker dies mid-run (its resident weights and data go with it), the trainer waits until
@@ -31,6 +32,10 @@ MAX_IN_FLIGHT = 4
 MAX_RECOVERIES = 3
 #: seconds to wait for the cluster to have enough workers again
 RECOVERY_TIMEOUT = 120
+#: in-memory snapshots (what a lost worker rolls back to) are taken at the end of an epoch when
+#: the last one is at least this old: each fetches the weights to the client, which for a small
+#: network costs more than its epoch (200 epochs of the sparse autoencoder example: 14 s)
+SNAPSHOT_SECONDS = 10.0
 #: ``steps_per_task="auto"``: steps are unrolled into one task until it runs about this long.
 #: Each submitted graph costs the scheduler and client some 10-20 ms of CPU (measured with
 #: the MLP of benchmarks/overhead.py on a 1-worker LocalCluster), taken from the cores the
@@ -118,6 +123,7 @@ class Trainer:
         self._n_test = 0
         self._position: dict | None = None  #: the data position a resumed epoch starts from
         self._saved_step = 0  #: step of the last checkpoint written
+        self._snapshot_time = time.perf_counter()  #: when the last snapshot was taken
 
     # --- state -------------------------------------------------------------------------------
 
@@ -161,6 +167,7 @@ class Trainer:
         params, opt_state = self.engine.get_params(), self.engine.get_opt_state()
         meta = self.meta()
         self.snapshot = (params, opt_state, meta)
+        self._snapshot_time = time.perf_counter()
         if save and self.checkpoints is not None:
             self._saved_step = self.step
             path = self.checkpoints.save(self.step, params, opt_state, meta)
@@ -233,9 +240,11 @@ class Trainer:
         self.sums = [0.0, 0, 0, 0.0]
         if self.on_epoch is not None:
             self.on_epoch(row)
-        if self.client is not None or self.checkpoints is not None:
+        save = self.checkpoints is not None and self.checkpoint_every is None
+        if save or (self.client is not None and
+                    time.perf_counter() - self._snapshot_time >= SNAPSHOT_SECONDS):
             # what a lost worker rolls back to; on disk too when there is no step cadence
-            self.take_snapshot(save=self.checkpoint_every is None)
+            self.take_snapshot(save=save)
 
     def _recover(self, exc: BaseException) -> None:
         params, opt_state, meta = self.snapshot

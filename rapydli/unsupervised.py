@@ -120,7 +120,8 @@ def sparse_autoencoder(n_in: int, n_hidden: int, target: float = 0.05, beta: flo
     """``n_in -> n_hidden`` sigmoid units, their :class:`SparsityPenalty`, ``-> n_in``, mse.
 
     Layers are named ``"0"`` (encoder), ``"1"`` (penalty), ``"2"`` (decoder). A sigmoid output
-    needs targets in (0, 1), e.g. the ``patches`` data set's ``[0.1, 0.9]``.
+    needs targets in (0, 1), e.g. ``patches(..., rescale=True)``; the whitened ``patches`` data
+    set needs a linear one (``output_activation=None``).
     """
     return Sequential([Dense(n_hidden, activation="sigmoid"), SparsityPenalty(target, beta),
                        Dense(n_in, activation=output_activation)],

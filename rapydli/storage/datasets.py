@@ -1,8 +1,8 @@
 """In-memory data sets: scikit-learn's digits, a generated 10-class problem, image patches.
 
 ``digits`` and ``synthetic`` give images of shape ``(N, 1, 8, 8)`` in ``[0, 1]`` and ``int64``
-labels in ``[0, 10)``; ``patches`` gives whitened natural-image patches ``(N, p * p)`` in
-``[0.1, 0.9]`` whose targets are the patches themselves (for ``mse`` autoencoders).
+labels in ``[0, 10)``; ``patches`` gives ZCA-whitened natural-image patches ``(N, p * p)``
+whose targets are the patches themselves (for ``mse`` autoencoders with a linear decoder).
 The split is a fixed function of :class:`~rapydli.config.DataConfig`, so a run is repeatable.
 
 >>> from rapydli.config import DataConfig
@@ -28,6 +28,7 @@ PATCH_IMAGES = ("camera", "astronaut", "coins", "moon", "page", "text", "grass",
                 "brick", "rocket", "coffee", "chelsea", "clock")
 #: ZCA regulariser added to every eigenvalue of the patch covariance (pixels in [0, 1]); it
 #: whitens the frequencies with more variance than this and damps the weaker, noisier ones
+#: (at 8x8 the strongest 10 or so of 63; 0.001-0.003 let amplified noise into the filters)
 ZCA_EPSILON = 0.01
 #: blob centres (row, col) of the synthetic classes 0..8; class 9 is one wide central blob
 _CENTRES = [(r, c) for r in (1.5, 3.5, 5.5) for c in (1.5, 3.5, 5.5)]
@@ -174,13 +175,20 @@ def synthetic(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def patches(n_samples: int, patch_size: int = 8, seed: int = 0,
-            epsilon: float = ZCA_EPSILON) -> np.ndarray:
-    """Whitened ``patch_size`` x ``patch_size`` patches of natural images, as in UFLDL.
+            epsilon: float = ZCA_EPSILON, rescale: bool = False) -> np.ndarray:
+    """ZCA-whitened ``patch_size`` x ``patch_size`` patches of natural images, as in UFLDL.
 
     Samples ``n_samples`` patches (uniformly over :data:`PATCH_IMAGES`, then position; fixed by
-    ``seed``), removes each patch's mean, whitens with ZCA (``epsilon`` added to the covariance
-    eigenvalues), truncates to +-3 standard deviations and maps that range to ``[0.1, 0.9]``,
-    the range a sigmoid output can reconstruct.
+    ``seed``), removes each patch's mean and whitens with ZCA (``epsilon`` added to the
+    covariance eigenvalues): a direction of variance ``v`` comes out with ``v / (v + epsilon)``,
+    about 1 for the strongest, less for the weaker, noisier ones.
+    This is the input of UFLDL's "linear decoders" exercise; a sparse autoencoder with a
+    linear output layer learns localized, oriented edge filters from it.
+
+    With ``rescale``, the patches are instead truncated to +-3 standard deviations and that
+    range mapped to ``[0.1, 0.9]``, the range a sigmoid output can reconstruct (UFLDL's first
+    sparse-autoencoder exercise). That shrinks them about 4-fold, and weight decay strong
+    enough to clean the filters at the whitened scale then wipes them out.
 
     Returns
     -------
@@ -189,8 +197,11 @@ def patches(n_samples: int, patch_size: int = 8, seed: int = 0,
     Examples
     --------
     >>> x = patches(500, seed=1)
-    >>> x.shape, float(x.min()) >= 0.1, float(x.max()) <= 0.9
+    >>> x.shape, bool(abs(x.mean(axis=1)).max() < 1e-9), 0.3 < float(x.std()) < 0.7
     ((500, 64), True, True)
+    >>> x = patches(500, seed=1, rescale=True)
+    >>> float(x.min()) >= 0.1, float(x.max()) <= 0.9
+    (True, True)
     """
     images = _grey_images(patch_size)
     rng = np.random.default_rng(seed)
@@ -204,6 +215,8 @@ def patches(n_samples: int, patch_size: int = 8, seed: int = 0,
     eigenvalues, u = np.linalg.eigh(x.T @ x / n_samples)
     zca = (u / np.sqrt(eigenvalues + epsilon)) @ u.T  # (p*p, p*p), symmetric
     z = x @ zca
+    if not rescale:
+        return z
     bound = 3 * z.std()
     return (np.clip(z, -bound, bound) / bound + 1) * 0.4 + 0.1
 
