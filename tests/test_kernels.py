@@ -272,6 +272,17 @@ def test_sigmoid_is_stable_for_extreme_inputs():
     np.testing.assert_allclose(y, [0.0, 4.248354e-18, 0.5, 1.0, 1.0], rtol=1e-6)
 
 
+def test_float32_sigmoid_matches_the_exact_one_over_its_whole_range():
+    """The float32 path computes exp with a polynomial (no libm call, so it vectorises)."""
+    x = np.linspace(-120, 120, 480_001, dtype=np.float32)
+    y = activation_forward("sigmoid", x)
+    exact = 1 / (1 + np.exp(-x.astype(np.float64)))
+    big = exact > 1e-30
+    assert np.max(np.abs(y[big] - exact[big]) / exact[big]) < 1e-6
+    assert np.max(np.abs(y - exact)) < 2e-7 and y[0] == 0.0 and y[-1] == 1.0
+    assert np.all(np.diff(y) >= 0), "monotone"
+
+
 @pytest.mark.parametrize("bad", ["relux", "ReLU", "softmax", ""])
 def test_unknown_activation_raises_config_error(bad):
     msg = rf"unknown activation '{bad}'; expected one of 'relu', 'sigmoid', 'tanh' or None"

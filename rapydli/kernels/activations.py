@@ -69,6 +69,8 @@ def activation_forward(kind: str | None, x: Array) -> Array:
     nb = fast(x) if kind in _CODES else None
     if nb is None:
         return activation_forward_reference(kind, x)
+    if kind == "sigmoid" and x.dtype.char == "f":  # float32
+        return nb.sigmoid_f32(contiguous(x).reshape(-1)).reshape(x.shape)
     return nb.act_forward(contiguous(x).reshape(-1), _CODES[kind]).reshape(x.shape)
 
 
