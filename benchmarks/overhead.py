@@ -138,8 +138,10 @@ def main() -> None:
             for key, (engine, client, spt, _) in runs.items():
                 n = args.auto_steps if spt is auto else args.steps
                 indices = C.batches(args.samples, b, n, start=r * n)
-                on = (lambda: client.run(time_ops)) if client else time_ops
-                on()
+                if client:
+                    client.run(time_ops)
+                else:
+                    time_ops()
                 seconds = C.run_steps(engine, indices, steps_per_task=spt)
                 sums = client.run(time_ops, False).values() if client else [time_ops(False)]
                 if r:

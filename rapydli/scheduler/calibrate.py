@@ -6,6 +6,9 @@ workers), and returns a one-node cluster that :func:`rapydli.scheduler.cost.simu
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import numpy as np
 
 from rapydli.errors import PlacementError
@@ -15,7 +18,6 @@ from rapydli.scheduler.cluster_spec import ClusterSpec, Device, Link, Overhead
 def _mean_seconds(fn, repeats: int) -> float:
     """Seconds per call of ``fn`` over ``repeats`` calls after a warm-up: a mean, not a median,
     so that time lost to other processes counts as it does in a step."""
-    import time
 
     fn()  # warm-up: first-call compilation, page faults
     start = time.perf_counter()
@@ -75,8 +77,6 @@ def _make(nbytes: int):
 
 def _relay(value, hold: float = 0.0):
     if hold:
-        import time
-
         time.sleep(hold)
     return value
 
@@ -84,7 +84,6 @@ def _relay(value, hold: float = 0.0):
 def _graph_seconds(client, tasks: list[tuple]) -> float:
     """Seconds for ``client.get`` of the last of ``tasks``: ``(fn, input task indices, literal
     args, worker)``, one graph layer per task pinned to its worker as the engine's plans do."""
-    import time
     import uuid
 
     from dask._task_spec import Task, TaskRef
@@ -152,8 +151,8 @@ def _measure_dask(client, workers: list[str], repeats: int, n: int = 21,
     dispatch = max(0.0, (t["same"] - t["one"]) / hops - per_task - hold)
     latency = max(0.0, (t["alt"] - t["same"]) / hops)
     moving = ((t["alt_p"] - t["same_p"]) - (t["alt"] - t["same"])) / hops
-    return {"per_task": per_task, "dispatch": dispatch, "per_step": max(0.0, t["one"] - per_task),
-            "latency": latency, "bandwidth": payload / max(moving, 1e-6)}
+    return {"per_task": per_task, "dispatch": dispatch, "latency": latency,
+            "bandwidth": payload / max(moving, 1e-6)}
 
 
 def step_rate(seconds: float = 1.5, n_layers: int = 6) -> float:
@@ -162,7 +161,6 @@ def step_rate(seconds: float = 1.5, n_layers: int = 6) -> float:
     Their weights (4 MB each, 24 MB in all) are a training step's working set: larger than a
     core's share of a shared last-level cache, so workers computing at once contend for it and
     for memory, as they do in steps."""
-    import time
 
     from rapydli.layers import Dense
 
@@ -188,12 +186,14 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
     once relative to one worker alone (the workers share the cores, the memory and the caches
     with each other, the scheduler, the client and whatever else runs here). Dask's costs come
     from graphs of tiny tasks (one graph layer per task, pinned to workers as the engine pins
-    them): ``per_step`` is a one-task graph's round trip from the client, ``per_task`` the extra
-    time per independent task on one worker; ``dispatch`` (the extra time per dependent task
-    beyond ``per_task``), link ``latency`` (the extra time per task when consecutive tasks
-    alternate workers) and link ``bandwidth`` (from tasks that pass on 4 MB) are measured with
-    one chain per worker running at once, as a multi-worker step keeps every worker busy, each
-    task holding its worker 5 ms as step tasks compute for milliseconds.
+    them): ``per_task`` is the extra time per independent task on one worker; ``dispatch``
+    (the extra time per dependent task beyond ``per_task``), link ``latency`` (the extra time
+    per task when consecutive tasks alternate workers) and link ``bandwidth`` (from tasks that
+    pass on 4 MB) are measured with one chain per worker running at once, as a multi-worker
+    step keeps every worker busy, each task holding its worker 5 ms as step tasks compute for
+    milliseconds.
+    ``per_step`` is what steps of a network too small to compute take through the engine,
+    one at a time, beyond the simulator's makespan of them (:func:`_per_step`).
     Memory is each worker's Dask memory limit.
     Takes about half a minute.
     """
@@ -215,16 +215,48 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
                                   for w in workers])  # every worker at once, as steps run
         dask_costs = _measure_dask(client, workers, repeats)
         memory = float(info[workers[0]].get("memory_limit") or 0) or 1e9
+        link = Link(dask_costs["bandwidth"], dask_costs["latency"])
+        spec = ClusterSpec(
+            "this-machine", 1, len(workers),
+            Device(device["flops"], memory, device["memory_bandwidth"],
+                   tuple(sorted(device["kernel_efficiency"].items())), "cpu"), link, link,
+            Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"], 0.0),
+            node_flops=device["flops"] * min(len(workers), sum(together) / alone))
+        per_step = _per_step(client, spec, repeats)
     finally:
         if own:
             cluster = client.cluster
             client.close()
             cluster.close()
-    link = Link(dask_costs["bandwidth"], dask_costs["latency"])
-    return ClusterSpec(
-        "this-machine", 1, len(workers),
-        Device(device["flops"], memory, device["memory_bandwidth"],
-               tuple(sorted(device["kernel_efficiency"].items())), "cpu"), link, link,
-        Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"],
-                 dask_costs["per_step"]),
-        node_flops=device["flops"] * min(len(workers), sum(together) / alone))
+    return dataclasses.replace(spec, overhead=dataclasses.replace(spec.overhead,
+                                                                  per_step=per_step))
+
+
+def _per_step(client, spec: ClusterSpec, repeats: int) -> float:
+    """What a step costs beyond its tasks: the engine's own graph submission and the metrics'
+    trip to the client, measured end to end on a network too small to compute (steps one at
+    a time through :class:`~rapydli.scheduler.engine.Engine`, as the engine submits them),
+    less what the simulator puts in its makespan (its tasks, dispatches and transfers)."""
+    from rapydli.layers import Dense
+    from rapydli.network import Sequential
+    from rapydli.optim import SGD
+    from rapydli.scheduler.cost import simulate
+    from rapydli.scheduler.engine import Engine
+
+    net = Sequential([Dense(2)], input_shape=(4,))
+    rng = np.random.default_rng(0)
+    engine = Engine(net, None, SGD(lr=0.01), client)
+    try:
+        engine.set_params(net.init(0))
+        engine.set_data("train", rng.random((16, 4), dtype=np.float32), rng.integers(0, 2, 16))
+        times = []
+        for _ in range(2 * repeats + 1):
+            start = time.perf_counter()
+            engine.value(engine.run("train", np.arange(8))["metrics"])
+            times.append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    modelled = simulate(net, None, 8, spec).step_time  # per_step is 0 in spec
+    return max(0.0, float(np.median(times[1:])) - modelled)
+
+
