@@ -325,3 +325,26 @@ def test_validate_catches_a_read_after_an_in_place_update():
                         (Ref(weight),)))
     with pytest.raises(AssertionError, match="in-place update"):
         graph.validate()
+
+
+def test_tasks_split_after_big_activation_sends_but_not_after_gradients_to_sum():
+    """Model-parallel activations of >= SPLIT_BYTES end their task (the neighbour starts
+    sooner); data-parallel gradients under REDUCE_SPLIT_BYTES travel after the task instead."""
+    from rapydli.graph import fuse as fusion
+
+    def worker_tasks(net, placement, batch, **kw):
+        graph = lower(net, placement, batch, "train", SGD(lr=0.1, momentum=0.9))
+        stage = fusion.stages(graph, **kw)
+        return {(graph.op(k).worker, s) for k, s in stage.items()
+                if graph.op(k).kind not in fusion.SOLO and graph.op(k).worker is not None}
+
+    mlp = Sequential([Dense(1024, activation="relu"), Dense(1024, activation="relu"),
+                      Dense(10)], input_shape=(784,))
+    # 4 MB of weight gradients per layer go to the sums: before and after them, per worker
+    assert len(worker_tasks(mlp, data_parallel(2), 256)) == 2 * 2
+    assert len(worker_tasks(mlp, data_parallel(2), 256, reduce_split_bytes=1 << 20)) > 2 * 2
+    wide = Sequential([Dense(4096, activation="relu"), Dense(4096, activation="relu"),
+                       Dense(10)], input_shape=(784,))
+    split_at_1mb = worker_tasks(wide, model_parallel(2), 256)
+    never = worker_tasks(wide, model_parallel(2), 256, split_bytes=1 << 40)
+    assert len(split_at_1mb) > len(never)
