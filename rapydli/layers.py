@@ -223,6 +223,13 @@ class _FilterBank:
     def strides(self) -> tuple[int, int]:
         return _pair(self.stride, "stride", type(self).__name__)
 
+    def _grads(self, dw, db) -> dict:
+        return {"weight": dw, "bias": db} if self.use_bias else {"weight": dw}
+
+    def flops(self, out_shape, input_shape):
+        kh, kw = self.kernel
+        return 2 * int(np.prod(out_shape)) * input_shape[0] * kh * kw
+
 
 @dataclass(frozen=True)
 class Conv2D(_FilterBank, Layer):
@@ -293,14 +300,7 @@ class Conv2D(_FilterBank, Layer):
         dz = _unapply_activation(self.activation, y, dy)
         dx, dw, db = autotune.call("conv2d_backward", x, params["weight"], dz, self.strides,
                                    (0, 0), need_dx=need_dx)
-        grads = {"weight": dw}
-        if self.use_bias:
-            grads["bias"] = db
-        return dx, grads
-
-    def flops(self, out_shape, input_shape):
-        kh, kw = self.kernel
-        return 2 * int(np.prod(out_shape)) * input_shape[0] * kh * kw
+        return dx, self._grads(dw, db)
 
 
 @dataclass(frozen=True)
@@ -540,14 +540,7 @@ class LocallyConnected2D(_FilterBank, Layer):
     def backward(self, x, y, params, dy, need_dx):
         dz = _unapply_activation(self.activation, y, dy)
         dx, dw, db = locally_connected_backward(x, params["weight"], dz, self.strides, need_dx)
-        grads = {"weight": dw}
-        if self.use_bias:
-            grads["bias"] = db
-        return dx, grads
-
-    def flops(self, out_shape, input_shape):
-        kh, kw = self.kernel
-        return 2 * int(np.prod(out_shape)) * input_shape[0] * kh * kw
+        return dx, self._grads(dw, db)
 
 
 @dataclass(frozen=True)

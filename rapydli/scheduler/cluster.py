@@ -43,12 +43,7 @@ def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = 
                                processes=processes, dashboard_address=None,
                                scheduler_kwargs={"dashboard_address": ":0"},  # a free port
                                silence_logs=logging.ERROR)
-    client = Client(cluster)
-    if processes:
-        from rapydli.scheduler.plugins import BlasThreads
-
-        client.register_plugin(BlasThreads(threads_per_worker))
-    return client
+    return Client(cluster)
 
 
 @contextlib.contextmanager
