@@ -220,7 +220,8 @@ def capture_ops(engine, index, data: str = "train"):
 
     original = plan.tasks
     plan.tasks = {name: dataclasses.replace(task, program=tuple(
-        (key, wrap(key, fn, task.worker), slots, kwargs) for key, fn, slots, kwargs in task.program))
+        (key, wrap(key, fn, task.worker), slots, kwargs, post)
+        for key, fn, slots, kwargs, post in task.program))
         for name, task in original.items()}
     try:
         engine.value(engine.run("train", index, data)["metrics"])

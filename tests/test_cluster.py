@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from rapydli.scheduler.cluster import local_client, worker_environ
+from rapydli.scheduler.cluster import WORKER_CONFIG, local_client, worker_environ
+
+
+def _profiling(dask_worker) -> tuple[bool, bool]:
+    """(profiler setting, profiler callback running) inside a worker."""
+    import dask
+
+    return (dask.config.get("distributed.worker.profile.enabled"),
+            "profile" in dask_worker.periodic_callbacks)
 
 
 def _start_environ() -> dict[str, str]:
@@ -17,7 +25,7 @@ def _start_environ() -> dict[str, str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_workers_start_with_malloc_and_thread_settings_and_the_client_keeps_its_own():
+def test_workers_start_with_malloc_thread_and_profiler_settings_the_client_keeps_its_own():
     want = worker_environ(2)
     before = {name: os.environ.get(name) for name in want}
     client = local_client(1, threads_per_worker=2)
@@ -29,6 +37,12 @@ def test_workers_start_with_malloc_and_thread_settings_and_the_client_keeps_its_
         assert {name: started.get(name) for name in want} == want
         assert want["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
         assert want["OMP_NUM_THREADS"] == want["OPENBLAS_NUM_THREADS"] == "2"
+        # Dask's stack-sampling profiler is off in the workers, and only there
+        import dask
+
+        assert WORKER_CONFIG == {"distributed.worker.profile.enabled": False}
+        assert list(client.run(_profiling).values()) == [(False, False)]
+        assert dask.config.get("distributed.worker.profile.enabled") is True
     finally:
         cluster = client.cluster
         client.close()

@@ -7,6 +7,10 @@ bytes travel. An edge between two coarse tasks always climbs a stage (or leaves 
 coarse graph stays acyclic; a step becomes a few large tasks. A task also ends after an op that
 sends much (:data:`SPLIT_BYTES`; :data:`REDUCE_SPLIT_BYTES` for what only feeds gradient sums),
 so that big transfers overlap the compute that follows them.
+
+With ``direct=True`` (the engine's direct exchange, see :mod:`rapydli.scheduler.mailbox`) all
+of a worker's ops become one task: sends between workers are *mail*, posted to the receiving
+worker inside the task, and every worker runs its ops in one shared order (:func:`mail_order`).
 """
 from __future__ import annotations
 
@@ -64,22 +68,58 @@ def stages(graph, split_bytes: int = SPLIT_BYTES,
     return stage
 
 
-def fuse(graph, enabled: bool = True) -> list[tuple[str, int | None, list[str]]]:
+def mail_sends(graph) -> set[str]:
+    """The sends whose every reader sits on another mesh worker (not an output): in a direct
+    exchange they are posted worker to worker inside tasks."""
+    mail = set()
+    for op in graph.ops(kind="send"):
+        readers = [graph.op(s).worker for s in graph.successors(op.key)]
+        if readers and all(w is not None for w in readers):
+            assert op.worker not in readers, f"{op.key} sends to its own worker"
+            mail.add(op.key)
+        else:
+            assert all(w is None for w in readers), f"{op.key} feeds outputs and workers"
+    return mail
+
+
+def mail_order(graph, mail: set[str]) -> list[str]:
+    """One topological order of all ops, shared by every worker of a direct exchange.
+
+    Among the ops ready at a time, mail sends go first (the tile leaves as soon as it exists,
+    so its transfer overlaps what the sender computes next) and ops that read mail go last
+    (a worker computes all it can before it waits). Every worker following the same order is
+    what makes the exchange deadlock-free.
+    """
+    index = {key: i for i, key in enumerate(graph.nodes)}
+    reads_mail = {key for key in graph.nodes if any(p in mail for p in graph.predecessors(key))}
+
+    def rank(key):
+        return (0 if key in mail else 2 if key in reads_mail else 1, index[key])
+
+    return [k for k in nx.lexicographical_topological_sort(graph, key=rank)
+            if graph.op(k).kind != "placeholder"]
+
+
+def fuse(graph, enabled: bool = True,
+         direct: bool = False) -> list[tuple[str, int | None, list[str]]]:
     """Groups ``(task name, worker, op keys in run order)`` covering every op of ``graph``.
 
-    With ``enabled=False`` every op is a task of its own (for comparisons and debugging).
+    With ``enabled=False`` every op is a task of its own (for comparisons and debugging);
+    with ``direct`` each worker's ops are one task (mail sends included, see module doc).
     """
-    order = [k for k in nx.topological_sort(graph) if graph.op(k).kind != "placeholder"]
+    mail = mail_sends(graph) if direct and enabled else set()
+    order = (mail_order(graph, mail) if mail else
+             [k for k in nx.topological_sort(graph) if graph.op(k).kind != "placeholder"])
     if not enabled:
         return [(key, graph.op(key).worker, [key]) for key in order]
-    stage = stages(graph)
+    stage = stages(graph) if not mail else {k: 0 for k in order}
     gid = {}
     for key in order:
         op = graph.op(key)
-        gid[key] = ("solo", key) if op.kind in SOLO or op.worker is None else (op.worker,
-                                                                                 stage[key])
+        solo = op.worker is None or (op.kind in SOLO and key not in mail)
+        gid[key] = ("solo", key) if solo else (op.worker, stage[key])
     for key in order:  # sends between the same two groups travel as one task
-        if graph.op(key).kind == "send":
+        if graph.op(key).kind == "send" and key not in mail:
             sources = {gid[p] for p in graph.predecessors(key) if p in gid}
             targets = {gid[s] for s in graph.successors(key)}
             if len(sources) == 1 and len(targets) == 1:
@@ -93,6 +133,8 @@ def fuse(graph, enabled: bool = True) -> list[tuple[str, int | None, list[str]]]
             name = keys[0]
         elif g[0] == "send":
             name = f"{keys[0]}+{len(keys) - 1}"
+        elif mail:
+            name = f"w{g[0]}"
         else:
             name = f"w{g[0]}/s{g[1]}"
         result.append((name, graph.op(keys[0]).worker, keys))

@@ -200,22 +200,35 @@ def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...], inplace
     return (new_weight, *(new_state[s] for s in slots))
 
 
-def run_fused(program: tuple, keep: tuple, *values) -> dict:
+def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
     """Run a fused chain of ops in order; returns the outputs in ``keep``, by key.
 
-    ``program`` is a tuple of ``(key, fn, input slots, kwargs)``; an input slot is
-    ``(i, pick)`` for the ``i``-th external value or ``(key, pick)`` for an earlier op.
+    ``program`` is a tuple of ``(key, fn, input slots, kwargs, post)``; an input slot is
+    ``(i, pick)`` for the ``i``-th external value, ``(key, pick)`` for an earlier op or
+    ``(("mail", key), pick)`` for an op of another worker that posts its output here;
+    ``post`` names the mesh workers this op's output is posted to; posts of consecutive ops
+    leave together. Mail goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`).
     """
     env: dict[Any, Any] = dict(enumerate(values))
     seconds = _OP_SECONDS
-    for key, fn, slots, kwargs in program:
-        args = [pick(env[src], path) for src, path in slots]
+    for key, fn, slots, kwargs, post in program:
+        if exchange is not None and not post:  # tiles posted by the ops just run leave now
+            exchange.flush()
+        args = []
+        for src, path in slots:
+            if type(src) is tuple and src not in env:  # the first read of a posted tile
+                env[src] = exchange.take(src[1])
+            args.append(pick(env[src], path))
         if seconds is None:
             env[key] = fn(*args, **kwargs)
-            continue
-        start = time.perf_counter()
-        env[key] = fn(*args, **kwargs)
-        seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - start
+        else:
+            start = time.perf_counter()
+            env[key] = fn(*args, **kwargs)
+            seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - start
+        if post:
+            exchange.post(key, env[key], post)
+    if exchange is not None:
+        exchange.finish()
     return {k: env[k] for k in keep}
 
 

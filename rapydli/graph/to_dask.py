@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dask._task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from rapydli.graph.fuse import fuse
+from rapydli.graph.fuse import fuse, mail_sends
 from rapydli.graph.ops import Ref, aligned, pick, run_fused
 
 
@@ -21,7 +21,8 @@ class FusedTask:
     """One Dask task: ``run_fused(program, keep, prefixes, *externals)`` on ``worker``.
 
     ``externals`` are ``("task", name)`` (another task's output dict) or ``("ph", key)``
-    (a placeholder bound per step).
+    (a placeholder bound per step). ``mail``: the task posts or takes tiles in a direct
+    exchange, so it runs with its worker's :class:`~rapydli.scheduler.mailbox.Exchange`.
     """
 
     name: str
@@ -30,6 +31,7 @@ class FusedTask:
     keep: tuple[str, ...]
     externals: tuple[tuple[str, str], ...]
     ops: tuple[str, ...]
+    mail: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,19 @@ class Bound:
     alone: bool = False
 
 
-def run_task(program, keep, prefixes, *values):
+def run_task(program, keep, prefixes, exchange, *values):
     """Entry point of every Dask task of a plan: pick bound values (realigned where they
-    arrived misaligned, see :func:`aligned`), then run the ops."""
-    return run_fused(program, keep, *(aligned(pick(v, p)) for v, p in zip(values, prefixes)))
+    arrived misaligned, see :func:`aligned`), then run the ops. ``exchange`` posts and takes
+    the tiles of a direct exchange (``None`` in the graph exchange); a task that fails tells
+    its peers through it, so none of them waits for tiles that will not come."""
+    values = tuple(aligned(pick(v, p)) for v, p in zip(values, prefixes))
+    if exchange is None:
+        return run_fused(program, keep, *values)
+    try:
+        return run_fused(program, keep, *values, exchange=exchange)
+    except BaseException as error:
+        exchange.fail(error)
+        raise
 
 
 class StepPlan:
@@ -70,11 +81,13 @@ class StepPlan:
         The tile graph's outputs with every :class:`Ref` turned into ``(task, path)``.
     """
 
-    def __init__(self, graph, fused: bool = True):
+    def __init__(self, graph, fused: bool = True, direct: bool = False):
         self.graph = graph
         self.meta = graph.graph["meta"]
         self.placeholders: dict = graph.graph["placeholders"]
-        groups = fuse(graph, enabled=fused)
+        #: sends posted worker to worker inside tasks (a direct exchange), with their readers
+        self.mail = mail_sends(graph) if direct and fused else set()
+        groups = fuse(graph, enabled=fused, direct=bool(self.mail))
         self.task_of = {key: name for name, _, keys in groups for key in keys}
         wanted = self._wanted_keys(graph.graph["outputs"])
         self.tasks = {name: self._build(graph, name, worker, keys, wanted)
@@ -109,6 +122,9 @@ class StepPlan:
                 if ref.key in members:
                     slots.append((ref.key, ref.pick))
                     continue
+                if ref.key in self.mail:  # posted here by the worker that computed it
+                    slots.append((("mail", ref.key), ref.pick))
+                    continue
                 if ref.key in self.placeholders:
                     ext, path = ("ph", ref.key), ref.pick
                 else:
@@ -116,20 +132,29 @@ class StepPlan:
                 if ext not in externals:
                     externals.append(ext)
                 slots.append((externals.index(ext), path))
-            program.append((key, op.fn, tuple(slots), op.kwargs))
-        keep = tuple(k for k in keys if k in wanted or any(
-            self.task_of.get(s) != name for s in graph.successors(k)))
-        return FusedTask(name, worker, tuple(program), keep, tuple(externals), tuple(keys))
+            post = (tuple(sorted({graph.op(s).worker for s in graph.successors(key)}))
+                    if key in self.mail else ())
+            program.append((key, op.fn, tuple(slots), op.kwargs, post))
+        keep = tuple(k for k in keys if k in wanted or (k not in self.mail and any(
+            self.task_of.get(s) != name for s in graph.successors(k))))
+        mail = any(k in self.mail for k in keys) or any(
+            p in self.mail for k in keys for p in graph.predecessors(k))
+        return FusedTask(name, worker, tuple(program), keep, tuple(externals), tuple(keys),
+                         mail)
 
     @property
     def n_tasks(self) -> int:
         return len(self.tasks)
 
-    def instantiate(self, step, bindings: dict, workers: list[str]):
+    def instantiate(self, step, bindings: dict, workers: list[str], exchange=None):
         """A ``HighLevelGraph`` for one step. ``bindings`` maps placeholders to :class:`Bound`.
 
         ``workers[i]`` is the address of mesh worker ``i``; task keys are ``(name, step)``.
+        ``exchange(i)``: the object mail tasks of mesh worker ``i`` post and take tiles
+        through (needed when the plan has mail, see :mod:`rapydli.scheduler.mailbox`).
         """
+        if self.mail and exchange is None:
+            raise ValueError("this plan exchanges tiles directly: pass exchange=")
         layers: dict[str, dict] = {name: {} for name in self._layer_deps}
         for task in self.tasks.values():
             args, prefixes = [], []
@@ -141,8 +166,10 @@ class StepPlan:
                     bound = bindings[ref]
                     args.append(bound.value)
                     prefixes.append(bound.path)
+            mailer = exchange(task.worker) if task.mail else None
             layers[self._layer_of[task.name]][(task.name, step)] = Task(
-                (task.name, step), run_task, task.program, task.keep, tuple(prefixes), *args)
+                (task.name, step), run_task, task.program, task.keep, tuple(prefixes), mailer,
+                *args)
         hl_layers = {}
         for lname, tasks in layers.items():
             annotations = None
@@ -161,6 +188,7 @@ class StepPlan:
         meta = self.meta
         return (f"StepPlan(mode={meta['mode']}, batch={meta['batch']}, mesh={meta['mesh']!r}, "
                 f"ops={self.graph.number_of_nodes()}, tasks={self.n_tasks}, "
+                f"exchange={'direct' if self.mail else 'graph'}, "
                 f"tasks per worker={dict(sorted(by_worker.items(), key=str))})")
 
 
@@ -183,6 +211,6 @@ def _map_refs(obj, fn):
     return obj
 
 
-def to_dask(graph, fused: bool = True) -> StepPlan:
+def to_dask(graph, fused: bool = True, direct: bool = False) -> StepPlan:
     """The :class:`StepPlan` of a tile graph."""
-    return StepPlan(graph, fused=fused)
+    return StepPlan(graph, fused=fused, direct=direct)

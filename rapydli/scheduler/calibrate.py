@@ -56,7 +56,7 @@ def measure_device(repeats: int = 5) -> dict:
     flops = float(np.median(rates))
     tile = np.ones(1 << 20, np.float32)  # 4 MB, a weight tile; each sum into a new array,
     bandwidth = 3 * tile.nbytes / _mean_seconds(lambda: tile + tile, repeats)  # as ops do
-    program = tuple((i, identity_task, (((i - 1) if i else 0, ()),), {}) for i in range(1, 201))
+    program = tuple((i, identity_task, (((i - 1) if i else 0, ()),), {}, ()) for i in range(1, 201))
     per_op = _mean_seconds(lambda: run_fused(program, (200,), 0), repeats) / 200
     families = {"Dense": (Dense(512, activation="relu", name="d"), (256, 512)),
                 "Conv2D": (Conv2D(16, 3, activation="relu", name="c"), (32, 8, 18, 18)),

@@ -18,6 +18,13 @@ from rapydli.errors import ClusterError, PlacementError
 WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
+#: Dask settings of the embedded cluster's workers. Dask's statistical profiler samples every
+#: thread's stack each 10 ms on the worker's event loop, taking the GIL from the kernels' thread
+#: (benchmarks/overhead.py's MLP step on a 1-worker cluster: 68-74 ms with it off against 74-84
+#: ms on, alternating runs); the dashboard's profile page stays empty.
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
 def worker_environ(threads: int) -> dict[str, str]:
     """Environment of a worker process with ``threads`` Dask threads: as many BLAS, OpenMP and
     Numba threads, idle pools that sleep rather than spin (the process shares its cores with
@@ -34,11 +41,13 @@ def worker_environ(threads: int) -> dict[str, str]:
 
 def local_client(n_workers: int, threads_per_worker: int = 1, processes: bool = True):
     """An embedded ``LocalCluster`` with one worker process per mesh worker, each with
-    ``threads_per_worker`` Dask threads and the environment of :func:`worker_environ`."""
+    ``threads_per_worker`` Dask threads, the environment of :func:`worker_environ` and the
+    settings of :data:`WORKER_CONFIG`."""
+    import dask
     from distributed import Client, LocalCluster
 
     env = worker_environ(threads_per_worker)
-    with _pre_spawn(env if processes else {}):
+    with _pre_spawn(env if processes else {}), dask.config.set(WORKER_CONFIG):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=processes, dashboard_address=None,
                                scheduler_kwargs={"dashboard_address": ":0"},  # a free port

@@ -5,6 +5,11 @@ plan's placeholders to what already lives on the workers (weight and optimizer-s
 datasets) and submits steps without waiting, so scheduling the next step overlaps computing
 this one. Weights reach the client only when asked for (:meth:`Engine.get_params`).
 
+On a cluster, tiles that change worker travel by the ``exchange`` the engine is given:
+``"direct"`` (the default with more than one mesh worker) fuses each worker's ops of a step into
+one task and posts tiles worker to worker inside the tasks (:mod:`rapydli.scheduler.mailbox`);
+``"graph"`` makes every exchange a Dask dependency, scheduled like any other.
+
 Without a client the engine runs in-process on Dask's synchronous scheduler, every mesh worker
 being this process: with a one-worker placement that is the reference every placement is
 compared with; with a larger mesh it runs that placement's exact plan without a cluster.
@@ -27,19 +32,29 @@ from rapydli.scheduler.cluster import bind_workers
 
 #: engine phases and the transitions between them
 TRANSITIONS = {"new": {"ready"}, "ready": {"ready", "closed"}, "closed": set()}
+#: how tiles travel between workers (see the module doc); "auto": direct on a cluster
+EXCHANGES = ("auto", "direct", "graph")
 
 
 class Engine:
     """Runs ``network`` under ``placement`` on ``client`` (``None``: in-process, one worker)."""
 
     def __init__(self, network, placement=None, optimizer=None, client=None,
-                 dtype="float32", fused: bool = True, device: str = "auto"):
+                 dtype="float32", fused: bool = True, device: str = "auto",
+                 exchange: str = "auto"):
         self.network = network
         self.placement = placement or single()
         self.optimizer = optimizer
         self.client = client
         self.dtype = np.dtype(dtype)
         self.fused = fused
+        #: how tiles travel between workers: "direct" or "graph"
+        self.exchange = _exchange(exchange, client, fused)
+        #: the direct exchange's mailbox actors (futures) and their addresses, once started
+        self._mailboxes: list = []
+        self._boxes: tuple = ()
+        #: futures of direct-exchange tasks that only post tiles, until they finished
+        self._held: list = []
         #: worker address of each mesh worker (``None``: this process)
         self.workers: list = (bind_workers(client, self.placement.mesh) if client else
                               [None] * self.placement.mesh.size)
@@ -78,7 +93,8 @@ class Engine:
                           self.dtype)
             if steps > 1:
                 graph = unroll(graph, steps)
-            self.plans[key] = StepPlan(graph, fused=self.fused)
+            self.plans[key] = StepPlan(graph, fused=self.fused,
+                                       direct=self.exchange == "direct")
         return self.plans[key]
 
     # --- state on the workers ------------------------------------------------------------
@@ -212,14 +228,27 @@ class Engine:
             else:
                 bindings[key] = self._resident(key, info)
         step = f"{self._token}-{next(self._steps)}"
-        graph = plan.instantiate(step, bindings, self.workers)
+        graph = plan.instantiate(step, bindings, self.workers,
+                                 self._exchange_for(step) if plan.mail else None)
         wanted = sorted({loc.task for loc in _leaves(plan.outputs)})
-        values = dict(zip(wanted, self._compute(graph, [(t, step) for t in wanted])))
+        mail = [t.name for t in plan.tasks.values() if t.mail and t.name not in wanted]
+        values = dict(zip(wanted + mail, self._compute(graph, [(t, step) for t in wanted + mail])))
+        if mail:  # tasks no output depends on in Dask's eyes: held until they ran
+            self._held = [f for f in self._held if not f.done()] + [values[t] for t in mail]
         outputs = _resolve(plan.outputs, values)
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
                 self.resident[key] = bound
         return outputs
+
+    def _exchange_for(self, step: str):
+        """``mesh worker -> Exchange`` of one step, the mailboxes started on first use."""
+        from rapydli.scheduler.mailbox import Exchange, start_mailboxes
+
+        if not self._boxes:
+            self._mailboxes, self._boxes = start_mailboxes(self.client, self.workers,
+                                                           self._token)
+        return lambda worker: Exchange(step, worker, self._boxes)
 
     def _compute(self, graph, keys):
         if self.client is None:
@@ -274,6 +303,12 @@ class Engine:
         return out
 
     def close(self) -> None:
+        """Forget what lives on the workers; tasks still waiting for tiles fail at once."""
+        if self._mailboxes:
+            from rapydli.scheduler.mailbox import close_mailboxes
+
+            close_mailboxes(self._mailboxes)
+            self._mailboxes, self._boxes, self._held = [], (), []
         self.resident.clear()
         self.data.clear()
         self._move("closed")
@@ -312,6 +347,19 @@ def _worker_resources(client) -> dict[str, dict]:
 
     workers = worker_info(client)
     return {address: info.get("resources", {}) for address, info in workers.items()}
+
+
+def _exchange(exchange: str, client, fused: bool) -> str:
+    """The exchange an engine uses: ``"auto"`` is direct on a cluster, else graph."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange: expected one of {EXCHANGES}; received {exchange!r}")
+    if exchange == "direct" and (client is None or not fused):
+        raise ValueError("exchange='direct' needs a Dask client and fused plans (the tasks of "
+                         "all workers must run at the same time); use exchange='graph' or "
+                         "'auto' in-process or unfused")
+    if exchange == "auto":
+        return "direct" if client is not None and fused else "graph"
+    return exchange
 
 
 def _wants_gpu(device: str, resources: dict) -> bool:

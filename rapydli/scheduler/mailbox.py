@@ -1,0 +1,203 @@
+"""Direct exchange: tiles sent worker to worker inside tasks, through one Dask actor per worker.
+
+In the ``"graph"`` exchange every tile that changes worker is a Dask dependency: the producing
+task finishes, tells the scheduler, which tells the consumer's worker, which fetches the tile;
+on each exchange the step waits for two scheduler round trips. In the ``"direct"`` exchange a
+plan fuses all of a worker's ops of a step (or of an unrolled group of steps) into one task;
+a ``send`` op posts its tile to the receiving worker's :class:`Mailbox` (a Dask actor, called
+over Dask's worker-to-worker comms, never through the scheduler) the moment it is computed,
+and the consuming op takes it from its own worker's mailbox. Tiles still travel exactly as the
+graph's send ops say; only the scheduler leaves the path of each exchange.
+
+Every worker runs its ops in one global topological order (see :func:`rapydli.graph.fuse`),
+and posting never blocks, so the first op not yet run anywhere can always run: the tasks of a
+step cannot deadlock. A take waits at most ``timeout`` seconds, and a task that fails posts
+its error to its peers, so that no worker waits for a peer that will never send.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rapydli.errors import RapydliError
+from rapydli.graph.ops import aligned
+
+#: seconds a take waits for a tile before giving up (a step that computes this long between
+#: two exchanges is far beyond anything the engine plans)
+TAKE_TIMEOUT = 600.0
+#: how often a waiting take checks whether its mailbox was closed
+POLL_SECONDS = 0.5
+#: the key under which a failed task posts its error to its peers, per step
+FAILED = "__failed__"
+
+
+class ExchangeError(RapydliError, RuntimeError):
+    """A tile sent between workers did not arrive: the peer failed, was lost, or timed out."""
+
+
+class Mailbox:
+    """A Dask actor holding the tiles other workers posted to this worker, until taken.
+
+    The engine starts one per mesh worker (``client.submit(Mailbox, name, actor=True)``).
+    Peers call :meth:`put` through the actor (direct comms); tasks on this worker find the
+    instance with :meth:`here` and :meth:`take` from it without any message.
+    """
+
+    #: the mailboxes living in this process, by name
+    _here: dict[str, Mailbox] = {}
+
+    def __init__(self, name: str):
+        #: unique per engine and mesh worker
+        self.name = name
+        #: posted tiles not yet taken, by ``(step, op key)``
+        self.items: dict[tuple[str, str], object] = {}
+        #: set by :meth:`close`: why no tile will come any more
+        self.closed: str | None = None
+        self._cond = threading.Condition()
+        Mailbox._here[name] = self
+
+    @classmethod
+    def here(cls, name: str) -> Mailbox:
+        try:
+            return cls._here[name]
+        except KeyError:
+            raise ExchangeError(f"no mailbox {name!r} in this worker process: the engine that "
+                                "started it was closed, or the worker restarted") from None
+
+    async def put(self, items: list[tuple[tuple[str, str], object]]) -> None:
+        """Store tiles ``[(key, value), ...]`` (run on this worker's event loop, as they arrive;
+        one call carries every tile a peer had ready for this worker at once)."""
+        with self._cond:
+            self.items.update(items)
+            self._cond.notify_all()
+
+    def take(self, key: tuple[str, str], timeout: float = TAKE_TIMEOUT):
+        """Wait for the tile ``key``, remove it and return it (in aligned memory)."""
+        step = key[0]
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self.items:
+                failed = self.items.get((step, FAILED))
+                if failed is not None:
+                    raise ExchangeError(f"step {step}: {failed}")
+                if self.closed is not None:
+                    raise ExchangeError(f"mailbox {self.name} closed ({self.closed}) while "
+                                        f"waiting for {key[1]!r} of step {step}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExchangeError(
+                        f"mailbox {self.name}: {key[1]!r} of step {step} did not arrive in "
+                        f"{timeout:.0f} s; the worker sending it may be stuck or lost (see its "
+                        "log), or a step computes longer than the timeout between exchanges")
+                self._cond.wait(min(left, POLL_SECONDS))
+            value = self.items.pop(key)
+        return aligned(value)
+
+    def forget(self, step: str) -> int:
+        """Drop what is held for ``step`` (a failed step's leftovers); returns how many."""
+        with self._cond:
+            keys = [k for k in self.items if k[0] == step]
+            for k in keys:
+                del self.items[k]
+        return len(keys)
+
+    def close(self, reason: str = "engine closed") -> None:
+        """Wake every waiting take with an error; nothing is held any more."""
+        with self._cond:
+            self.closed = reason
+            self.items.clear()
+            self._cond.notify_all()
+        Mailbox._here.pop(self.name, None)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What one fused task needs to post and take tiles: its step, its mesh worker, the
+    mailboxes ``(worker address, actor key, name)`` of every mesh worker."""
+
+    step: str
+    me: int
+    boxes: tuple[tuple[str, str, str], ...]
+    timeout: float = TAKE_TIMEOUT
+    _posted: list = field(default_factory=list, compare=False, repr=False)
+    _outbox: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def post(self, key: str, value, dests: tuple[int, ...]) -> None:
+        """Queue ``value`` (op ``key``'s output) for the mailboxes of mesh workers ``dests``."""
+        for dest in dests:
+            self._outbox.setdefault(dest, []).append(((self.step, key), value))
+
+    def flush(self) -> None:
+        """Send what :meth:`post` queued, one message per receiving worker; returns at once
+        (this worker's event loop sends them while the task computes on)."""
+        if self._outbox:
+            for dest, items in self._outbox.items():
+                self._posted.append(_proxy(self.boxes[dest]).put(items))
+            self._outbox.clear()
+
+    def take(self, key: str):
+        """The output of op ``key`` that another mesh worker posted here for this step."""
+        self.flush()  # never wait with tiles a peer may be waiting for still unsent
+        return Mailbox.here(self.boxes[self.me][2]).take((self.step, key), self.timeout)
+
+    def finish(self) -> None:
+        """Wait until every post was delivered (a lost peer raises here, not silently)."""
+        self.flush()
+        posted, self._posted[:] = list(self._posted), []
+        for future in posted:
+            future.result(timeout=self.timeout)
+
+    def fail(self, error: BaseException) -> None:
+        """Tell every peer that this task failed, so none waits for its tiles."""
+        message = f"mesh worker {self.me} failed: {type(error).__name__}: {error}"[:2000]
+        for dest in range(len(self.boxes)):
+            if dest != self.me:
+                try:
+                    _proxy(self.boxes[dest]).put([((self.step, FAILED), message)])
+                except Exception:  # a lost peer cannot be told; its own task fails anyway
+                    pass
+
+
+#: actor proxies of this process, by (address, actor key): one each, reused by every task
+_PROXIES: dict[tuple[str, str], object] = {}
+
+
+def _proxy(box: tuple[str, str, str]):
+    address, key, _ = box
+    proxy = _PROXIES.get((address, key))
+    if proxy is None:
+        from distributed.actor import Actor
+
+        proxy = _PROXIES[(address, key)] = Actor(Mailbox, address, key)
+    return proxy
+
+
+def start_mailboxes(client, workers: list[str], token: str) -> tuple[list, tuple]:
+    """One :class:`Mailbox` actor per mesh worker; returns ``(futures, boxes)`` where
+    ``boxes`` is what :class:`Exchange` takes."""
+    names = [f"rapydli-{token}-w{i}" for i in range(len(workers))]
+    futures = [client.submit(Mailbox, name, actor=True, workers=[address],
+                             allow_other_workers=False, key=name)
+               for name, address in zip(names, workers)]
+    client.gather(futures)  # the actors exist before any task posts to them
+    boxes = tuple((address, f.key, name) for address, f, name in zip(workers, futures, names))
+    return futures, boxes
+
+
+def close_mailboxes(futures: list, timeout: float = 10.0) -> None:
+    """Close every mailbox still reachable (waiting takes fail at once); errors ignored."""
+    calls = []
+    for future in futures:
+        try:
+            calls.append(future.result(timeout=timeout).close())
+        except Exception:  # the worker holding it is gone: nothing waits there
+            pass
+    for call in calls:
+        try:
+            call.result(timeout=timeout)
+        except Exception:
+            pass
