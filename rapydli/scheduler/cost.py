@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rapydli.errors import ConfigError, PlacementError, RapydliError
-from rapydli.graph.fuse import fuse
+from rapydli.graph.fuse import SOLO, fuse, mail_sends
 from rapydli.graph.tiles import shape_of
 from rapydli.scheduler.calibrate import calibrate_local, measure_device, step_rate
 from rapydli.scheduler.cluster_spec import (ClusterSpec, Device, Link, Overhead, dump_cluster,
@@ -189,50 +189,150 @@ def memory_by_worker(graph) -> list[MemoryUse]:
     return [MemoryUse(params[w], state[w], grads[w], sum(kept[w].values())) for w in range(n)]
 
 
-# ----------------------------------------------------------------------------- tasks
+# ----------------------------------------------------------------------------- units
+#: how tiles may travel between workers (see the module doc)
+EXCHANGES = ("direct", "graph")
+
+
 @dataclass
-class _Task:
-    """A fused task while it is simulated."""
+class _Ship:
+    """Tiles that leave when a unit ends, for one worker, and the units waiting for them."""
+
+    payload: dict = field(default_factory=dict)  #: (op key, pick) -> nbytes
+    readers: set = field(default_factory=set)  #: names of units satisfied on arrival
+
+
+@dataclass
+class _Unit:
+    """What the replay runs on a device: a whole Dask task (graph exchange), or the start or
+    one op of a worker's task (direct exchange)."""
 
     name: str
     worker: int
     seconds: float  #: kernels, per-op overhead included
-    order: tuple  #: run order among ready tasks on one device (sends first, then graph order)
-    deps: set = field(default_factory=set)  #: names of tasks it reads
-    #: destination worker -> {(op key, pick): nbytes} this task's outputs it must receive
-    sends: dict = field(default_factory=dict)
-    dependents: list = field(default_factory=list)
+    overhead: float  #: ``per_task`` where the unit starts a Dask task, else 0
+    order: tuple  #: run order among ready units on one device (sends first, then graph order)
+    task: str  #: the Dask task it is part of
+    last: bool = True  #: it ends its task; until then no other task may start on its device
+    deps: set = field(default_factory=set)  #: names of the units it waits for
+    then: dict = field(default_factory=dict)  #: same-device dependent -> delay after its end
+    ships: dict = field(default_factory=dict)  #: (worker, delay after its end) -> _Ship
     pending: int = 0
 
 
-def _tasks(graph, cluster: ClusterSpec, fused: bool) -> dict[str, _Task]:
-    """The fused tasks of ``graph`` with their device seconds, dependencies and transfers."""
+def _link(src: _Unit, dst: _Unit, delay: float, ref=None) -> None:
+    """``dst`` waits for ``src``: ``delay`` after its end on one device, else for a transfer
+    that leaves ``delay`` after its end and carries ``ref``'s tile."""
+    dst.deps.add(src.name)
+    if src.worker == dst.worker:
+        src.then[dst.name] = delay
+        return
+    ship = src.ships.setdefault((dst.worker, delay), _Ship())
+    ship.readers.add(dst.name)
+    if ref is not None:
+        ship.payload[(ref.key, ref.pick)] = ref.nbytes
+
+
+def _seconds(graph, keys, cluster: ClusterSpec) -> float:
+    return sum(op_seconds(graph, k, cluster.device, cluster.overhead) for k in keys)
+
+
+def _place(graph, groups, unit_of: dict, units: dict, i: int) -> int:
+    """The device of group ``i``: its worker, or where Dask runs it (its first input's)."""
+    name, worker, keys = groups[i]
+    if worker is not None:
+        return worker
+    firsts = [unit_of[r.key] for r in graph.op(keys[0]).inputs if r.key in unit_of]
+    return units[firsts[0]].worker if firsts else 0
+
+
+def _graph_units(graph, cluster: ClusterSpec, fused: bool) -> tuple[dict[str, _Unit], int]:
+    """Graph exchange: one unit per fused Dask task; every edge between tasks waits
+    ``dispatch``. Returns the units and the number of Dask tasks."""
     groups = fuse(graph, enabled=fused)
-    task_of = {key: name for name, _, keys in groups for key in keys}
-    tasks: dict[str, _Task] = {}
-    for i, (name, worker, keys) in enumerate(groups):
-        if worker is None:  # Dask runs it where its first input lives
-            firsts = [task_of[r.key] for r in graph.op(keys[0]).inputs if r.key in task_of]
-            worker = tasks[firsts[0]].worker if firsts else 0
+    unit_of = {key: name for name, _, keys in groups for key in keys}
+    units: dict[str, _Unit] = {}
+    for i, (name, _, keys) in enumerate(groups):
         sends = all(graph.op(k).kind == "send" for k in keys)
-        seconds = sum(op_seconds(graph, k, cluster.device, cluster.overhead) for k in keys)
-        tasks[name] = _Task(name, worker, seconds, (not sends, i))
+        units[name] = _Unit(name, _place(graph, groups, unit_of, units, i),
+                            _seconds(graph, keys, cluster), cluster.overhead.per_task,
+                            (not sends, i), name)
     for name, _, keys in groups:
-        task = tasks[name]
+        for key in keys:
+            for ref in graph.op(key).inputs:
+                src = unit_of.get(ref.key)
+                if src is not None and src != name:
+                    _link(units[src], units[name], cluster.overhead.dispatch, ref)
+    return _pending(units), len(groups)
+
+
+def _pending(units: dict[str, _Unit]) -> dict[str, _Unit]:
+    for unit in units.values():
+        unit.pending = len(unit.deps)
+    return units
+
+
+def _carriers(graph, keys: list[str], mail: set[str]) -> dict[str, str]:
+    """Mail send -> the op of the same program after whose end its tile leaves: the last of
+    the run of consecutive mail sends it is in (the engine posts them in one message per
+    receiving worker, when the next op that posts nothing starts or takes a tile)."""
+    carrier: dict[str, str] = {}
+    run: list[str] = []
+    for key in [*keys, None]:
+        reads_mail = key is not None and any(p in mail for p in graph.predecessors(key))
+        if key in mail and not reads_mail:
+            run.append(key)
+            continue
+        carrier.update((k, run[-1]) for k in run)
+        run = [key] if key in mail else []
+    return carrier
+
+
+def _program(graph, cluster: ClusterSpec, name: str, worker: int, keys: list[str], i: int,
+             units: dict[str, _Unit]) -> None:
+    """Units of worker task ``name`` of a direct exchange: its start (``per_task``), then one
+    unit per op, each waiting for the one before it (the worker runs them in order)."""
+    chain = [_Unit(name, worker, 0.0, cluster.overhead.per_task, (True, i, 0), name, False)]
+    for k, key in enumerate(keys, 1):
+        chain.append(_Unit(key, worker, _seconds(graph, [key], cluster), 0.0, (True, i, k),
+                           name, k == len(keys)))
+        _link(chain[-2], chain[-1], 0.0)
+    units.update((u.name, u) for u in chain)
+
+
+def _direct_units(graph, cluster: ClusterSpec, mail: set[str]) -> tuple[dict[str, _Unit], int]:
+    """Direct exchange: each worker task as a chain of units (:func:`_program`); a mail tile
+    leaves when its carrier op ends (:func:`_carriers`) and its reader waits for it; edges
+    into or out of the other Dask tasks wait ``dispatch`` after the whole task ended.
+    Returns the units and the number of Dask tasks."""
+    groups = fuse(graph, direct=True)
+    task_of = {key: name for name, _, keys in groups for key in keys}
+    first, last, unit_of, carrier = {}, {}, {}, {}
+    units: dict[str, _Unit] = {}
+    for i, (name, _, keys) in enumerate(groups):
+        worker = _place(graph, groups, unit_of, units, i)
+        if worker is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
+            _program(graph, cluster, name, worker, keys, i, units)
+            unit_of.update((k, k) for k in keys)
+            carrier.update(_carriers(graph, keys, mail))
+            first[name], last[name] = name, keys[-1]
+        else:
+            sends = all(graph.op(k).kind == "send" for k in keys)
+            units[name] = _Unit(name, worker, _seconds(graph, keys, cluster),
+                                cluster.overhead.per_task, (not sends, i, 0), name)
+            unit_of.update((k, name) for k in keys)
+            first[name] = last[name] = name
+    for name, _, keys in groups:
         for key in keys:
             for ref in graph.op(key).inputs:
                 src = task_of.get(ref.key)
                 if src is None or src == name:
-                    continue
-                task.deps.add(src)
-                if tasks[src].worker != task.worker:
-                    payload = tasks[src].sends.setdefault(task.worker, {})
-                    payload[(ref.key, ref.pick)] = ref.nbytes
-    for task in tasks.values():
-        task.pending = len(task.deps)
-        for dep in task.deps:
-            tasks[dep].dependents.append(task.name)
-    return tasks
+                    continue  # a placeholder, or an earlier op of the same task
+                if ref.key in mail:
+                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, ref)
+                else:
+                    _link(units[last[src]], units[first[name]], cluster.overhead.dispatch, ref)
+    return _pending(units), len(groups)
 
 
 # ----------------------------------------------------------------------------- simulation

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
@@ -45,7 +46,7 @@ class Mailbox:
     """
 
     #: the mailboxes living in this process, by name
-    _here: dict[str, Mailbox] = {}
+    _here: ClassVar[dict[str, Mailbox]] = {}
 
     def __init__(self, name: str):
         #: unique per engine and mesh worker

@@ -1,0 +1,283 @@
+"""The direct exchange: one task per worker and step, tiles posted worker to worker.
+
+Structure (task counts, run order, freedom from deadlock) is checked on plans alone; numbers
+against the graph exchange and the single worker on the in-process cluster; failure paths
+(a failed peer, a closed mailbox, a timeout, a killed worker) on real mailboxes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from distributed.client import FutureCancelledError
+
+import rapydli as rd
+from rapydli.graph.fuse import mail_order, mail_sends
+from rapydli.graph.lower import lower
+from rapydli.graph.to_dask import StepPlan
+from rapydli.graph.unroll import unroll
+from rapydli.scheduler.engine import Engine
+from rapydli.scheduler.mailbox import (Exchange, ExchangeError, Mailbox, close_mailboxes,
+                                       start_mailboxes)
+
+from test_equivalence import PLACEMENTS, assert_same_as_single, cnn, data, mlp
+
+OPTIMIZER = rd.SGD(lr=0.1, momentum=0.9)
+
+
+def _mlp():
+    return rd.Sequential([rd.Dense(16, activation="relu"), rd.Dense(16, activation="tanh"),
+                          rd.Dense(10)], input_shape=(12,))
+
+
+# --- plans ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_direct_plan_is_one_task_per_worker_plus_the_metrics(steps):
+    graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
+    graph = unroll(graph, steps) if steps > 1 else graph
+    direct, fused = StepPlan(graph, direct=True), StepPlan(graph)
+    names = sorted(t.name for t in direct.tasks.values())
+    # a worker's ops in one task; its loss scalars travel to the metrics as one send task
+    assert names[-2:] == ["w0", "w1"] and "metrics" in names and direct.n_tasks == 5
+    assert fused.n_tasks > direct.n_tasks
+    assert "exchange=direct" in repr(direct) and "exchange=graph" in repr(fused)
+    # the gradients travel as mail: 3 weights + 3 biases, each way, per step
+    assert len(direct.mail) == 2 * 6 * steps
+    # no Dask dependency between the workers' tasks: the tiles go through the mailboxes
+    for name in ("w0", "w1"):
+        assert all(kind == "ph" for kind, _ in direct.tasks[name].externals)
+
+
+def test_a_one_worker_plan_has_no_mail():
+    graph = lower(_mlp(), None, 32, "train", OPTIMIZER)
+    plan = StepPlan(graph, direct=True)
+    assert not plan.mail and plan.n_tasks == StepPlan(graph).n_tasks
+
+
+def test_gradients_leave_before_the_first_layer_computes_its_own():
+    """Mail sends run as soon as their tile exists: the last layers' gradients are on their
+    way while the first layer's backward still computes (the transfer overlaps it)."""
+    graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
+    mail = mail_sends(graph)
+    order = [k for k in mail_order(graph, mail) if graph.op(k).worker == 0]
+    first_backward = order.index("0/bwd/t0")
+    sent_before = [k for k in order[:first_backward] if k in mail]
+    assert {graph.op(graph.op(k).inputs[0].key).layer for k in sent_before} == {"1", "2"}
+    for k in mail:  # each send right after what it sends (only other sends in between)
+        op = graph.op(k)
+        if op.worker != 0:
+            continue
+        producer = order.index(op.inputs[0].key)
+        assert all(j in mail for j in order[producer + 1:order.index(k)])
+
+
+def _runs_to_the_end(graph, order: list[str], mail: set[str]) -> bool:
+    """Play the workers' programs as the direct exchange runs them: each worker runs its next
+    op once every input exists, a mail input only once its send ran on the other worker."""
+    programs: dict = {}
+    for key in order:
+        programs.setdefault(graph.op(key).worker, []).append(key)
+    done = {k for k in graph.nodes if graph.op(k).kind == "placeholder"}
+    position = {w: 0 for w in programs}
+    progress = True
+    while progress:
+        progress = False
+        for w, program in programs.items():
+            while position[w] < len(program):
+                key = program[position[w]]
+                if not all(p in done for p in graph.predecessors(key)):
+                    break  # blocked, as a take waits for a tile
+                done.add(key)
+                position[w] += 1
+                progress = True
+    return all(position[w] == len(p) for w, p in programs.items())
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+@pytest.mark.parametrize("net", [cnn, mlp])
+def test_every_placement_runs_to_the_end_without_deadlock(name, net):
+    network = net()
+    for mode, steps in [("train", 1), ("train", 3), ("grad", 1), ("eval", 1)]:
+        graph = lower(network, PLACEMENTS[name](net.__name__), 6, mode, OPTIMIZER, "float64")
+        graph = unroll(graph, steps) if steps > 1 else graph
+        mail = mail_sends(graph)
+        assert _runs_to_the_end(graph, mail_order(graph, mail), mail), (name, mode, steps)
+
+
+def test_the_shared_order_matters():
+    """The check above can fail: workers that order their ops independently can wait on
+    each other forever (here: each takes its peer's gradients before sending its own)."""
+    graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
+    mail = mail_sends(graph)
+    order = mail_order(graph, mail)
+    readers = {k for k in order if any(p in mail for p in graph.predecessors(k))}
+    selfish = ([k for k in order if k not in mail and k not in readers] +
+               [k for k in order if k in readers] + [k for k in order if k in mail])
+    assert not _runs_to_the_end(graph, selfish, mail)
+
+
+# --- numbers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("placement", ["dp2", "mp3", "sp2", "mixed3"])
+def test_direct_and_graph_exchanges_train_bitwise_alike(client, placement):
+    net = cnn()
+    x, y = data(net, 12, "float64")
+    params = {}
+    for exchange in ("direct", "graph"):
+        engine = Engine(net, PLACEMENTS[placement]("cnn"), OPTIMIZER, client, "float64",
+                        exchange=exchange)
+        assert engine.exchange == exchange
+        engine.set_params(net.init(0))
+        engine.set_data("train", x, y)
+        for step in range(3):
+            engine.run("train", np.arange(step * 4, step * 4 + 4))
+        params[exchange] = engine.get_params()
+        engine.close()
+    for name, value in params["graph"].items():
+        np.testing.assert_array_equal(params["direct"][name], value, err_msg=name)
+    single = Engine(net, None, OPTIMIZER, None, "float64")
+    single.set_params(net.init(0))
+    single.set_data("train", x, y)
+    for step in range(3):
+        single.run("train", np.arange(step * 4, step * 4 + 4))
+    assert_same_as_single(params["direct"], single.get_params(), "float64")
+
+
+def test_exchange_is_chosen_and_checked(client):
+    net = _mlp()
+    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "direct"
+    assert Engine(net, rd.data_parallel(2), OPTIMIZER, None).exchange == "graph"
+    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client, fused=False).exchange == "graph"
+    with pytest.raises(ValueError, match="needs a Dask client"):
+        Engine(net, rd.data_parallel(2), OPTIMIZER, None, exchange="direct")
+    with pytest.raises(ValueError, match="expected one of"):
+        Engine(net, rd.data_parallel(2), OPTIMIZER, client, exchange="mpi")
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def boxes(client):
+    workers = sorted(client.scheduler_info()["workers"])[:2]
+    futures, boxes = start_mailboxes(client, workers, f"t{time.monotonic_ns()}")
+    yield workers, futures, boxes
+    close_mailboxes(futures)
+
+
+def _take(exchange: Exchange, key: str):
+    return exchange.take(key)
+
+
+def _post(exchange: Exchange, key: str, value):
+    exchange.post(key, value, (0,))
+    exchange.finish()
+
+
+def _fail(exchange: Exchange):
+    exchange.fail(ValueError("bad tile"))
+
+
+def test_a_posted_tile_arrives_aligned(client, boxes):
+    workers, _, boxes = boxes
+    value = np.arange(1000, dtype=np.float32)[1:]  # a view at an odd offset
+    taken = client.submit(_take, Exchange("s", 0, boxes), "k", workers=[workers[0]])
+    client.submit(_post, Exchange("s", 1, boxes), "k", value, workers=[workers[1]]).result()
+    got = taken.result(timeout=30)
+    np.testing.assert_array_equal(got, value)
+
+
+def test_a_failed_peer_stops_the_waiting_worker_at_once(client, boxes):
+    workers, _, boxes = boxes
+    taken = client.submit(_take, Exchange("s", 0, boxes), "k", workers=[workers[0]])
+    client.submit(_fail, Exchange("s", 1, boxes), workers=[workers[1]]).result()
+    with pytest.raises(ExchangeError, match="mesh worker 1 failed: ValueError: bad tile"):
+        taken.result(timeout=30)
+
+
+def test_closing_the_mailboxes_wakes_a_waiting_take(client, boxes):
+    workers, futures, boxes = boxes
+    taken = client.submit(_take, Exchange("s", 0, boxes), "k", workers=[workers[0]])
+    time.sleep(0.3)
+    assert not taken.done()
+    close_mailboxes(futures)
+    with pytest.raises(ExchangeError, match="closed"):
+        taken.result(timeout=30)
+
+
+def test_a_tile_that_never_comes_times_out_with_advice():
+    box = Mailbox(f"alone-{time.monotonic_ns()}")
+    start = time.monotonic()
+    with pytest.raises(ExchangeError, match="did not arrive in 0 s; the worker sending it"):
+        box.take(("s", "k"), timeout=0.2)
+    assert time.monotonic() - start < 5
+    box.close()
+
+
+def test_a_peer_task_failing_mid_step_fails_the_step(client):
+    """A kernel error on one worker reaches the user from the step, not after a timeout."""
+    net = _mlp()
+    engine = Engine(net, rd.data_parallel(2), OPTIMIZER, client)
+    engine.set_params(net.init(0))
+    x = np.zeros((8, 12), np.float32)
+    engine.set_data("train", x, np.zeros(8, np.int64))
+    index = np.arange(8)
+    index[5] = 10_000  # a row of worker 1's half that does not exist
+    start = time.monotonic()
+    with pytest.raises(IndexError, match="out of bounds"):
+        engine.value(engine.run("train", index)["metrics"])
+    # worker 0 heard of it and stopped waiting for worker 1's gradients: it is free now
+    client.submit(int, 1, workers=[engine.workers[0]], pure=False).result(timeout=20)
+    assert time.monotonic() - start < 30
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def process_client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.CRITICAL)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _hold(event_name: str):
+    """Occupy a worker's only thread for up to a minute."""
+    from distributed import Event
+
+    Event(event_name).wait(60)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_its_peer_waits_releases_the_peer(process_client):
+    """Worker 1 is busy, so worker 0's step task waits for its tiles; worker 1 is killed. The
+    step fails, and closing the engine frees worker 0 at once (no 600 s wait)."""
+    client = process_client
+    net = _mlp()
+    engine = Engine(net, rd.data_parallel(2), OPTIMIZER, client)
+    engine.set_params(net.init(0))
+    engine.set_data("train", np.zeros((8, 12), np.float32), np.zeros(8, np.int64))
+    engine.value(engine.run("train", np.arange(8))["metrics"])
+    w0, w1 = engine.workers
+    busy = client.submit(_hold, "rapydli-test-hold", workers=[w1], pure=False)
+    metrics = engine.run("train", np.arange(8))["metrics"]
+    time.sleep(1.0)
+    pid = client.run(os.getpid, workers=[w1])[w1]
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(FutureCancelledError):  # what the trainer's recovery catches
+        engine.value(metrics)
+    del busy
+    engine.close()
+    start = time.monotonic()
+    client.submit(int, 1, workers=[w0], pure=False).result(timeout=30)
+    assert time.monotonic() - start < 20
