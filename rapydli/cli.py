@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                       seed=config.train.seed, validation_data=validation, client=client,
                       dtype=config.train.dtype, progress=not args.no_progress,
                       on_epoch=on_epoch, steps_per_task=args.steps_per_task,
-                      eval_every=config.train.eval_every,
+                      exchange=args.exchange, eval_every=config.train.eval_every,
                       checkpoints=Checkpoints(out, config.train.keep_checkpoints),
                       checkpoint_every=config.train.checkpoint_every, resume=resume)
     finally:
@@ -322,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-task", type=_steps_per_task, default="auto",
                        help="unroll this many training steps into one task graph; 'auto' "
                             "(default): about half a second of work per task")
+    train.add_argument("--exchange", default="auto", choices=("auto", "direct", "graph"),
+                       help="how tiles travel between workers: direct (worker to worker inside "
+                            "each worker's step task; 'auto' on a cluster) or graph (each as a "
+                            "Dask dependency)")
     train.add_argument("--mesh", help="override the placement mesh, e.g. data=2,model=2")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -100,13 +100,15 @@ class Trainer:
     """Runs ``epochs`` over ``source`` (see :mod:`rapydli.storage.loader`) on an engine."""
 
     def __init__(self, network, source, *, placement, optimizer, client, dtype, fused,
-                 batch_size: int, seed: int, steps_per_task: int | str = 1, validation=None,
+                 batch_size: int, seed: int, steps_per_task: int | str = 1,
+                 exchange: str = "auto", validation=None,
                  eval_every: int = 1, checkpoints=None, checkpoint_every: int | None = None,
                  bar=None, on_epoch=None, on_checkpoint=None):
         self.network, self.source, self.placement = network, source, placement
         self.optimizer, self.client, self.dtype, self.fused = optimizer, client, dtype, fused
         self.batch_size, self.seed = batch_size, seed
         self.task_size = TaskSize(steps_per_task, client is not None)
+        self.exchange = exchange
         self.validation, self.eval_every = validation, eval_every
         self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
         self.bar, self.on_epoch, self.on_checkpoint = bar, on_epoch, on_checkpoint
@@ -151,7 +153,7 @@ class Trainer:
 
     def _start_engine(self, params, opt_state) -> None:
         self.engine = Engine(self.network, self.placement, self.optimizer, self.client,
-                             self.dtype, self.fused)
+                             self.dtype, self.fused, exchange=self.exchange)
         self.engine.set_params(params, opt_state)
         self.source.attach(self.engine)
         self._n_test = 0

@@ -88,7 +88,7 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, params=None, opt_state=None,
         validation_data=None, client=None, dtype="float32", progress: bool = False,
         on_epoch=None, fused: bool = True, steps_per_task: int | str = "auto",
-        eval_every: int = 1,
+        exchange: str = "auto", eval_every: int = 1,
         checkpoints=None, checkpoint_every: int | None = None, resume=None,
         on_checkpoint=None) -> History:
     """Train ``network``; returns a :class:`History` with the final params.
@@ -105,7 +105,8 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers; ``"auto"`` (the
     default) sizes the graphs from the measured step time on a cluster (about half a second
     of work each, see :class:`rapydli.trainer.TaskSize`) and runs one step at a time
-    in-process.
+    in-process. ``exchange`` is how tiles travel between workers (``"auto"``: ``"direct"``
+    on a cluster, see :mod:`rapydli.scheduler.mailbox`; ``"graph"``: as Dask dependencies).
 
     With ``checkpoints`` (a :class:`~rapydli.storage.checkpoint.Checkpoints`), a checkpoint is
     written every ``checkpoint_every`` steps and at the end; ``resume=(params, opt_state,
@@ -117,7 +118,8 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     with _client_for(placement, client) as c:
         trainer = Trainer(network, source, placement=placement, optimizer=optimizer or SGD(),
                           client=c, dtype=dtype, fused=fused, batch_size=batch_size, seed=seed,
-                          steps_per_task=steps_per_task, validation=validation_data,
+                          steps_per_task=steps_per_task, exchange=exchange,
+                          validation=validation_data,
                           eval_every=eval_every, checkpoints=checkpoints,
                           checkpoint_every=checkpoint_every, on_epoch=on_epoch,
                           on_checkpoint=on_checkpoint)

@@ -108,7 +108,7 @@ def test_train_on_an_existing_scheduler(tiny_config, tmp_path, monkeypatch):
         out = tmp_path / "run"
         assert main(["train", str(tiny_config), "--scheduler", cluster.scheduler_address,
                      "--out", str(out), "--no-progress", "--epochs", "1",
-                     "--steps-per-task", "2"]) == 0
+                     "--steps-per-task", "2", "--exchange", "graph"]) == 0
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 

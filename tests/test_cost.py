@@ -14,6 +14,7 @@ from rapydli.graph.fuse import fuse
 from rapydli.graph.lower import TileGraph, lower
 from rapydli.graph.ops import Ref, TileOp
 from rapydli.graph.report import summarize
+from rapydli.graph.to_dask import StepPlan
 from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                     format_prediction, format_ranking, load_cluster,
                                     parse_cluster, quantity, search, simulate, simulate_graph)
@@ -227,6 +228,102 @@ def test_memory_bound_ops_cost_their_bytes():
     slow_memory = ClusterSpec("m", 1, 1, Device(1e12, 1e9, memory_bandwidth=1e3),
                               Link(1e3, 0), Link(1e3, 0))
     assert simulate(net, None, batch, slow_memory, rd.SGD()).step_time > 100 * fast.step_time
+
+
+# ----------------------------------------------------------------------------- exchanges
+def mlp():
+    """Dense 8 -> 16 -> 4: two layers, so model-parallel steps exchange activations often."""
+    return rd.Sequential([rd.Dense(16, activation="relu"), rd.Dense(4)], input_shape=(8,))
+
+
+def plan_tasks(net, placement, batch, direct):
+    """Dask tasks of the engine's plan for one training step."""
+    return StepPlan(lower(net, placement, batch, "train", rd.SGD()), direct=direct).n_tasks
+
+
+def test_exchanges_agree_where_they_are_one_plan():
+    spec = cluster(devices=2, flops=1e6, per_task=1e-3, dispatch=0.05)
+    one = [simulate(mlp(), None, 32, spec, rd.SGD(), exchange=ex) for ex in ("direct", "graph")]
+    assert one[0] == one[1] and one[0].exchange == "graph"
+    unfused = simulate(mlp(), rd.data_parallel(2), 32, spec, rd.SGD(), fused=False)
+    assert unfused.exchange == "graph"  # as in the engine: unfused plans exchange by graph
+    assert unfused == simulate(mlp(), rd.data_parallel(2), 32, spec, rd.SGD(), fused=False,
+                               exchange="graph")
+
+
+def predict(placement, dispatch, exchange):
+    spec = cluster(devices=2, flops=1e6, bandwidth=1e6, latency=1e-4, per_task=1e-3,
+                   dispatch=dispatch)
+    return simulate(mlp(), placement, 32, spec, rd.SGD(), exchange=exchange)
+
+
+def test_direct_data_parallel_counts_the_engines_tasks_and_moves_the_same_bytes():
+    direct, graph = (predict(rd.data_parallel(2), 0.05, ex) for ex in ("direct", "graph"))
+    assert (direct.exchange, graph.exchange) == ("direct", "graph")
+    assert direct.n_tasks == plan_tasks(mlp(), rd.data_parallel(2), 32, True) == 5
+    assert graph.n_tasks == plan_tasks(mlp(), rd.data_parallel(2), 32, False) == 9
+    assert direct.bytes_moved == graph.bytes_moved
+    # each layer's weight and bias gradients are consecutive sends: one transfer each way
+    assert len([t for t in direct.transfers if "/grad/" in t.name]) == 2 * 2
+    # only the loss scalars and the metrics (Dask tasks after the worker tasks) wait for the
+    # scheduler; in the graph exchange the gradient sends also wait twice, beside that path
+    assert direct.step_time - predict(rd.data_parallel(2), 0.0, "direct").step_time == \
+        pytest.approx(2 * 0.05)
+    assert direct.step_time < graph.step_time
+
+
+def test_direct_model_parallel_pays_no_dispatch_per_exchange():
+    direct, graph = (predict(rd.model_parallel(2), 0.05, ex) for ex in ("direct", "graph"))
+    assert direct.n_tasks == plan_tasks(mlp(), rd.model_parallel(2), 32, True) < graph.n_tasks
+    assert direct.bytes_moved == graph.bytes_moved
+    assert direct.step_time < 0.5 * graph.step_time
+    paid = {ex: p.step_time - predict(rd.model_parallel(2), 0.0, ex).step_time
+            for ex, p in (("direct", direct), ("graph", graph))}
+    assert paid["direct"] == pytest.approx(2 * 0.05)  # the outputs' two dispatches only
+    assert paid["graph"] > 6 * 0.05  # two per exchange of activations or gradients
+
+
+def test_direct_reader_waits_for_the_tile():
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, per_task=0.5,
+                   dispatch=2.0)
+    p = simulate_graph(overlap_graph(2000), spec)
+    slots = {s.name: (s.start, s.end) for s in p.schedule}
+    # worker tasks start at once (0.5 s per task); a ends at 1.5 and s posts its tile then
+    assert (p.exchange, p.n_tasks) == ("direct", 2)
+    assert slots["w0"] == slots["w1"] == (0.0, 0.5) and slots["s"] == (1.5, 1.5)
+    (t,) = p.transfers
+    assert (t.name, t.start, t.end) == ("s", 1.5, pytest.approx(1.5 + 20 + 1))
+    assert slots["c"] == pytest.approx((22.5, 23.5))  # c waits on worker 1 for the tile
+    assert p.step_time == pytest.approx(0.5 + 1 + 20 + 1 + 1)  # latency on the path
+    assert p.exposed_comm == pytest.approx(22.5 - 11.5)  # b computes from 1.5 to 11.5
+    graph = simulate_graph(overlap_graph(2000), spec, exchange="graph")
+    # a and b as one task; s 2 s later; its tile 2 s after s; then c
+    assert graph.step_time == pytest.approx(11.5 + 2 + 0.5 + 2 + 21 + 1.5)
+
+
+def test_direct_worker_task_holds_its_device():
+    """Another task ready on a worker waits until the worker task there ended, even while that
+    task only waits for a tile (one Dask thread per worker runs one task at a time)."""
+    g = overlap_graph(2000)
+    g.add_op(TileOp("out", "output", "comm", None, None, flops=1000))  # no input: on device 0
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, per_task=0.5)
+    slots = {s.name: (s.start, s.end) for s in simulate_graph(g, spec).schedule}
+    assert slots["w0"] == (0.0, 0.5) and slots["b"] == pytest.approx((1.5, 11.5))
+    assert slots["out"] == pytest.approx((11.5, 13.0))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: simulate(tiny(), None, 8, cluster(), rd.SGD(), exchange="mail"),
+    lambda: simulate_graph(overlap_graph(4), cluster(), exchange="mail"),
+    lambda: search(tiny(), 8, cluster(), rd.SGD(), exchange="mail")])
+def test_unknown_exchange_is_an_error(call):
+    with pytest.raises(ConfigError, match=r"exchange: expected one of 'direct', 'graph'; "
+                                          r"received 'mail'"):
+        call()
+
+
+def test_prediction_names_its_exchange():
+    assert "direct exchange" in format_prediction(predict(rd.model_parallel(2), 0.0, "direct"))
 
 
 # ----------------------------------------------------------------------------- search

@@ -281,3 +281,16 @@ def test_a_worker_killed_while_its_peer_waits_releases_the_peer(process_client):
     start = time.monotonic()
     client.submit(int, 1, workers=[w0], pure=False).result(timeout=30)
     assert time.monotonic() - start < 20
+
+
+def test_fit_passes_the_exchange_to_its_engine(client):
+    net = _mlp()
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+    y = np.arange(64) % 10
+    runs = {ex: rd.fit(net, x, y, placement=rd.data_parallel(2), client=client, epochs=2,
+                       batch_size=16, exchange=ex, steps_per_task=2)
+            for ex in ("graph", "auto")}
+    for name, value in runs["graph"].params.items():
+        np.testing.assert_array_equal(runs["auto"].params[name], value, err_msg=name)
+    with pytest.raises(ValueError, match="exchange: expected one of"):
+        rd.fit(net, x, y, placement=rd.data_parallel(2), client=client, exchange="p2p")

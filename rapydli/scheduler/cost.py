@@ -6,7 +6,8 @@ devices per node, each device's achieved FLOP/s, memory and memory bandwidth, th
 node and between nodes, and what Dask itself costs. :func:`simulate` lowers the network
 (:func:`rapydli.graph.lower.lower`), fuses it into the Dask tasks the engine would run
 (:func:`rapydli.graph.fuse.fuse`), gives mesh worker ``i`` device ``i`` (nodes filled one after
-the other) and replays the tasks as a discrete-event simulation:
+the other) and replays the tasks as a discrete-event simulation, first as the ``"graph"``
+exchange runs them:
 
 - a task occupies its device for ``overhead.per_task`` plus, per tile op, ``overhead.per_op`` +
   ``max(flops / rate, bytes touched / memory_bandwidth)``; ``rate`` is ``device.flops`` times the
@@ -24,6 +25,25 @@ the other) and replays the tasks as a discrete-event simulation:
   ``bytes / bandwidth`` (latency is in flight, not occupancy). Waiting transfers go first come,
   first served; ready tasks go by Dask's order (sends first, then graph order).
 
+That is the ``"graph"`` exchange. In the ``"direct"`` exchange (``exchange="direct"``, the
+default, as the engine's on a cluster of more than one mesh worker; see
+:mod:`rapydli.scheduler.mailbox`) the Dask tasks are those of ``fuse(graph, direct=True)``: one
+per worker holding all its ops, in :func:`~rapydli.graph.fuse.mail_order`, plus the sends read
+only by outputs and the outputs themselves. The replay then differs in this:
+
+- a worker task pays ``overhead.per_task`` once, as it starts; then its ops run one after the
+  other in program order, each costing as above, with no dispatch between them; an op that
+  reads a tile of another worker waits until that tile arrived, holding its device (no other
+  task starts there before the worker task ended);
+- a tile read by another worker leaves when its send op ends, with no dispatch; consecutive
+  sends of a program travel together, one transfer per receiving worker, when the last of them
+  ends (the engine posts them in one message). Links are shared as above;
+- the other Dask tasks start ``overhead.dispatch`` after the worker task they read ended as a
+  whole (their inputs then travel as in the graph exchange).
+
+With one worker, no sends between workers or ``fused=False`` both exchanges are one plan,
+replayed as the graph exchange. ``Prediction.n_tasks`` counts Dask tasks in both.
+
 The step time is the makespan plus ``overhead.per_step`` (graph submission and the metrics'
 trip to the client). Memory per device counts parameters, optimizer state, one gradient per
 weight tile and the activations the backward pass reads (not the data set itself).
@@ -37,8 +57,8 @@ machine in :mod:`rapydli.scheduler.calibrate`; both are re-exported here.
 ...     "links": {"intra_node": {"bandwidth": "1 GB/s", "latency": "1 ms"}}})
 >>> net = Sequential([Dense(4, activation="relu"), Dense(3)], input_shape=(5,))
 >>> p = simulate(net, data_parallel(2), 8, cluster, SGD())
->>> p.fits, p.n_workers, p.bytes_moved  # 39 float32 gradients each way, 16 B of loss
-(True, 2, 328)
+>>> p.fits, p.n_workers, p.exchange, p.bytes_moved  # 39 float32 gradients each way, 16 B loss
+(True, 2, 'direct', 328)
 """
 from __future__ import annotations
 
@@ -57,8 +77,8 @@ from rapydli.scheduler.cluster_spec import (ClusterSpec, Device, Link, Overhead,
 #: public names; the cluster specs and calibration are re-exported from their own modules
 __all__ = [
     "ClusterSpec", "Device", "Link", "Overhead", "quantity", "parse_cluster", "load_cluster",
-    "dump_cluster", "calibrate_local", "measure_device", "step_rate", "MemoryUse", "Slot",
-    "Prediction", "op_seconds", "memory_by_worker", "simulate_graph", "PRESET_OF_RULE",
+    "dump_cluster", "calibrate_local", "measure_device", "step_rate", "EXCHANGES", "MemoryUse",
+    "Slot", "Prediction", "op_seconds", "memory_by_worker", "simulate_graph", "PRESET_OF_RULE",
     "placement_label", "simulate", "candidate_placements", "search", "format_prediction",
     "format_ranking"]
 
@@ -80,7 +100,8 @@ class MemoryUse:
 
 @dataclass(frozen=True)
 class Slot:
-    """A task's run on a device, or a transfer's flight (``worker`` is then the sender)."""
+    """A task's run on a device (in a direct exchange: a worker task's start or one of its
+    ops, by op key), or a transfer's flight (``worker`` is then the sender)."""
 
     name: str
     worker: int
@@ -109,6 +130,9 @@ class Prediction:
     compute_by_device: tuple[float, ...]
     memory_by_device: tuple[MemoryUse, ...]
     memory_capacity: float  #: bytes per device
+    #: how tiles traveled between workers: ``"direct"``, or ``"graph"`` (also where the two
+    #: exchanges are one plan: one worker, no sends between workers, unfused)
+    exchange: str
     schedule: tuple[Slot, ...] = field(default=(), repr=False, compare=False)
     transfers: tuple[Slot, ...] = field(default=(), repr=False, compare=False)
 
@@ -234,12 +258,13 @@ def _link(src: _Unit, dst: _Unit, delay: float, ref=None) -> None:
 
 
 def _seconds(graph, keys, cluster: ClusterSpec) -> float:
+    """Device seconds of ops ``keys`` (:func:`op_seconds`), no per-task overhead."""
     return sum(op_seconds(graph, k, cluster.device, cluster.overhead) for k in keys)
 
 
-def _place(graph, groups, unit_of: dict, units: dict, i: int) -> int:
-    """The device of group ``i``: its worker, or where Dask runs it (its first input's)."""
-    name, worker, keys = groups[i]
+def _place(graph, worker: int | None, keys: list[str], unit_of: dict, units: dict) -> int:
+    """The device of the task of ops ``keys``: its worker, or where Dask runs it (where its
+    first input lives; ``unit_of`` maps op keys to the units already built)."""
     if worker is not None:
         return worker
     firsts = [unit_of[r.key] for r in graph.op(keys[0]).inputs if r.key in unit_of]
@@ -252,9 +277,9 @@ def _graph_units(graph, cluster: ClusterSpec, fused: bool) -> tuple[dict[str, _U
     groups = fuse(graph, enabled=fused)
     unit_of = {key: name for name, _, keys in groups for key in keys}
     units: dict[str, _Unit] = {}
-    for i, (name, _, keys) in enumerate(groups):
+    for i, (name, worker, keys) in enumerate(groups):
         sends = all(graph.op(k).kind == "send" for k in keys)
-        units[name] = _Unit(name, _place(graph, groups, unit_of, units, i),
+        units[name] = _Unit(name, _place(graph, worker, keys, unit_of, units),
                             _seconds(graph, keys, cluster), cluster.overhead.per_task,
                             (not sends, i), name)
     for name, _, keys in groups:
@@ -267,6 +292,7 @@ def _graph_units(graph, cluster: ClusterSpec, fused: bool) -> tuple[dict[str, _U
 
 
 def _pending(units: dict[str, _Unit]) -> dict[str, _Unit]:
+    """Set every unit's count of what it still waits for; returns ``units``."""
     for unit in units.values():
         unit.pending = len(unit.deps)
     return units
@@ -309,9 +335,9 @@ def _direct_units(graph, cluster: ClusterSpec, mail: set[str]) -> tuple[dict[str
     task_of = {key: name for name, _, keys in groups for key in keys}
     first, last, unit_of, carrier = {}, {}, {}, {}
     units: dict[str, _Unit] = {}
-    for i, (name, _, keys) in enumerate(groups):
-        worker = _place(graph, groups, unit_of, units, i)
-        if worker is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
+    for i, (name, owner, keys) in enumerate(groups):
+        worker = _place(graph, owner, keys, unit_of, units)
+        if owner is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
             _program(graph, cluster, name, worker, keys, i, units)
             unit_of.update((k, k) for k in keys)
             carrier.update(_carriers(graph, keys, mail))
@@ -337,23 +363,26 @@ def _direct_units(graph, cluster: ClusterSpec, mail: set[str]) -> tuple[dict[str
 
 # ----------------------------------------------------------------------------- simulation
 class _Replay:
-    """Discrete-event replay of fused tasks on devices and transfers on links.
+    """Discrete-event replay of units on devices and transfers on links.
 
-    Devices of one node share ``cluster.node_flops``: while ``k`` of them run tasks, each
+    A device runs one unit at a time; once a task's first unit started, no other task starts
+    on that device before the task's last unit ended (a worker thread runs one Dask task).
+    Devices of one node share ``cluster.node_flops``: while ``k`` of them run units, each
     progresses at ``min(1, node_flops / (k * device.flops))`` of its own speed (processor
-    sharing), so a running task's end moves whenever a neighbour starts or ends.
+    sharing), so a running unit's end moves whenever a neighbour starts or ends.
     """
 
-    def __init__(self, tasks: dict[str, _Task], cluster: ClusterSpec):
-        self.tasks, self.cluster = tasks, cluster
-        self.dispatch = cluster.overhead.dispatch
+    def __init__(self, units: dict[str, _Unit], cluster: ClusterSpec):
+        self.units, self.cluster = units, cluster
         self.events: list = []  # (time, seq, kind, payload)
         self.seq = 0
-        self.ready: dict[int, list] = {}  # device -> heap of (order, task name)
-        #: device -> [task name, seconds of work left at full speed, last update, start]
+        self.ready: dict[int, list] = {}  # device -> heap of (order, unit name)
+        self.held: dict[int, str] = {}  # device -> the task part way through on it
+        self.next: dict[int, str] = {}  # device -> the held task's unit ready to run
+        #: device -> [unit name, seconds of work left at full speed, last update, start]
         self.running: dict[int, list] = {}
         self.speed: dict[int, float] = {}  # node -> current speed of its busy devices
-        self.version: dict[str, int] = {}  # end events of a task older than this are stale
+        self.version: dict[str, int] = {}  # end events of a unit older than this are stale
         self.link_free: dict[tuple, float] = {}
         self.schedule: list[Slot] = []
         self.transfers: list[Slot] = []
@@ -363,29 +392,41 @@ class _Replay:
         heapq.heappush(self.events, (time, self.seq, kind, payload))
 
     def run(self) -> None:
-        for task in self.tasks.values():
-            if not task.deps:
-                self.push(0.0, "satisfy", task.name)
+        for unit in self.units.values():
+            if not unit.deps:
+                self.push(0.0, "satisfy", unit.name)
         while self.events:
             time, _, kind, payload = heapq.heappop(self.events)
             getattr(self, f"_on_{kind}")(time, payload)
 
     def _on_satisfy(self, time: float, name: str) -> None:
-        task = self.tasks[name]
-        task.pending -= 1 if task.deps else 0
-        if task.pending <= 0:
-            heapq.heappush(self.ready.setdefault(task.worker, []), (task.order, name))
-            self._start(time, task.worker)
+        unit = self.units[name]
+        unit.pending -= 1 if unit.deps else 0
+        if unit.pending <= 0:
+            if self.held.get(unit.worker) == unit.task:
+                self.next[unit.worker] = name
+            else:
+                heapq.heappush(self.ready.setdefault(unit.worker, []), (unit.order, name))
+            self._start(time, unit.worker)
 
     def _start(self, time: float, device: int) -> None:
-        queue = self.ready.get(device)
-        if not queue or device in self.running:
+        if device in self.running:
             return
-        _, name = heapq.heappop(queue)
+        if device in self.held:
+            name = self.next.pop(device, None)
+        else:
+            queue = self.ready.get(device)
+            name = heapq.heappop(queue)[1] if queue else None
+        if name is None:
+            return
+        unit = self.units[name]
+        if unit.last:
+            self.held.pop(device, None)
+        else:
+            self.held[device] = unit.task
         node = self.cluster.node_of(device)
         self._advance(node, time)
-        work = self.cluster.overhead.per_task + self.tasks[name].seconds
-        self.running[device] = [name, work, time, time]
+        self.running[device] = [name, unit.overhead + unit.seconds, time, time]
         self._reschedule(node, time)
 
     def _advance(self, node: int, time: float) -> None:
@@ -409,23 +450,22 @@ class _Replay:
         name, version = payload
         if version != self.version[name]:
             return  # superseded: the node's speed changed while it ran
-        task = self.tasks[name]
-        node = self.cluster.node_of(task.worker)
+        unit = self.units[name]
+        node = self.cluster.node_of(unit.worker)
         self._advance(node, time)
-        start = self.running.pop(task.worker)[3]
-        self.schedule.append(Slot(name, task.worker, start, time))
+        start = self.running.pop(unit.worker)[3]
+        self.schedule.append(Slot(name, unit.worker, start, time))
         self._reschedule(node, time)
-        for dep in task.dependents:
-            if self.tasks[dep].worker == task.worker:
-                self.push(time + self.dispatch, "satisfy", dep)
-        for dest in task.sends:
-            self.push(time + self.dispatch, "send", (name, dest))
-        self._start(time, task.worker)
+        for dep, delay in unit.then.items():
+            self.push(time + delay, "satisfy", dep)
+        for dest, delay in unit.ships:
+            self.push(time + delay, "send", (name, (dest, delay)))
+        self._start(time, unit.worker)
 
-    def _on_send(self, time: float, payload: tuple[str, int]) -> None:
-        name, dest = payload
-        src = self.tasks[name].worker
-        nbytes = sum(self.tasks[name].sends[dest].values())
+    def _on_send(self, time: float, payload: tuple[str, tuple]) -> None:
+        name, key = payload
+        src, dest = self.units[name].worker, key[0]
+        nbytes = sum(self.units[name].ships[key].payload.values())
         link = self.cluster.link(src, dest)
         resources = self._resources(src, dest)
         start = max([time, *(self.link_free.get(r, 0.0) for r in resources)])
@@ -439,11 +479,10 @@ class _Replay:
         a, b = self.cluster.node_of(src), self.cluster.node_of(dest)
         return (("pair", src, dest),) if a == b else (("nic-out", a), ("nic-in", b))
 
-    def _on_arrive(self, time: float, payload: tuple[str, int]) -> None:
-        name, dest = payload
-        for dep in self.tasks[name].dependents:
-            if self.tasks[dep].worker == dest:
-                self._on_satisfy(time, dep)
+    def _on_arrive(self, time: float, payload: tuple[str, tuple]) -> None:
+        name, key = payload
+        for reader in self.units[name].ships[key].readers:
+            self._on_satisfy(time, reader)
 
 
 def _union(intervals) -> list[tuple[float, float]]:
@@ -464,35 +503,49 @@ def _exposed(transfers: list[Slot], schedule: list[Slot]) -> float:
     return sum(b - a for a, b in moving) - hidden
 
 
+def _check_exchange(exchange: str) -> None:
+    if exchange not in EXCHANGES:
+        raise ConfigError(f"exchange: expected one of {', '.join(map(repr, EXCHANGES))}; "
+                          f"received {exchange!r}")
+
+
 def simulate_graph(graph, cluster: ClusterSpec, fused: bool = True, label: str = "",
-                   placement=None) -> Prediction:
+                   placement=None, exchange: str = "direct") -> Prediction:
     """Replay a lowered :class:`~rapydli.graph.lower.TileGraph` on ``cluster``.
 
-    ``fused=False`` makes every tile op a Dask task of its own (as ``Engine(fused=False)``).
+    ``fused=False`` makes every tile op a Dask task of its own (as ``Engine(fused=False)``),
+    which implies the graph exchange. ``exchange`` is ``"direct"`` or ``"graph"`` (see the
+    module doc); a graph without sends between mesh workers has one plan for both, replayed
+    as the graph exchange (:attr:`Prediction.exchange` says which model ran).
     """
+    _check_exchange(exchange)
     meta = graph.graph["meta"]
     n = meta["n_workers"]
     if n > cluster.n_devices:
         raise PlacementError(
             f"placement {label or meta['mesh']!r} needs {n} workers; {cluster.describe()} has "
             f"{cluster.n_devices}. Use a smaller mesh (--mesh) or a larger cluster")
-    tasks = _tasks(graph, cluster, fused)
-    replay = _Replay(tasks, cluster)
+    mail = mail_sends(graph) if exchange == "direct" and fused else set()
+    units, n_tasks = (_direct_units(graph, cluster, mail) if mail else
+                      _graph_units(graph, cluster, fused))
+    replay = _Replay(units, cluster)
     replay.run()
     ends = [s.end for s in replay.schedule] + [t.end for t in replay.transfers]
     compute = [0.0] * n
     for s in replay.schedule:  # the kernels' share of the slot (stretched where shared)
-        work = tasks[s.name].seconds
-        compute[s.worker] += (s.end - s.start) * work / (work + cluster.overhead.per_task or 1)
+        unit = units[s.name]
+        compute[s.worker] += (s.end - s.start) * unit.seconds / (
+            unit.seconds + unit.overhead or 1)
     return Prediction(
         label=label or repr(meta["mesh"]), placement=placement, cluster=cluster.name,
         batch=meta["batch"], n_workers=n,
         step_time=cluster.overhead.per_step + max(ends, default=0.0),
         compute_time=max(compute), comm_time=sum(t.end - t.start for t in replay.transfers),
         exposed_comm=_exposed(replay.transfers, replay.schedule),
-        bytes_moved=sum(t.nbytes for t in replay.transfers), n_tasks=len(tasks),
+        bytes_moved=sum(t.nbytes for t in replay.transfers), n_tasks=n_tasks,
         n_transfers=len(replay.transfers), compute_by_device=tuple(compute),
         memory_by_device=tuple(memory_by_worker(graph)), memory_capacity=cluster.device.memory,
+        exchange="direct" if mail else "graph",
         schedule=tuple(replay.schedule), transfers=tuple(replay.transfers))
 
 
@@ -508,7 +561,7 @@ def placement_label(placement) -> str:
 
 
 def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=None,
-             dtype="float32", fused: bool = True) -> Prediction:
+             dtype="float32", fused: bool = True, exchange: str = "direct") -> Prediction:
     """Predict one training step of ``network`` under ``placement`` on ``cluster``.
 
     Parameters
@@ -525,7 +578,12 @@ def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=Non
     dtype : str
         ``"float32"`` or ``"float64"``.
     fused : bool
-        Simulate the fused Dask tasks the engine runs (default) or one task per tile op.
+        Simulate the fused Dask tasks the engine runs (default) or one task per tile op
+        (which implies the graph exchange, as in the engine).
+    exchange : {"direct", "graph"}
+        How tiles travel between workers (see the module doc). ``"direct"``, the default,
+        is what the engine does on a cluster with more than one mesh worker; with one worker
+        both are the same plan.
 
     Returns
     -------
@@ -537,6 +595,7 @@ def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=Non
     from rapydli.optim import SGD
     from rapydli.placement import single
 
+    _check_exchange(exchange)
     placement = placement or single()
     if placement.mesh.size > cluster.n_devices:
         raise PlacementError(
@@ -544,7 +603,8 @@ def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=Non
             f"{cluster.describe()} has {cluster.n_devices}. Use a smaller mesh (--mesh) or a "
             "larger cluster")
     graph = lower(network, placement, batch, "train", optimizer or SGD(), dtype)
-    return simulate_graph(graph, cluster, fused, placement_label(placement), placement)
+    return simulate_graph(graph, cluster, fused, placement_label(placement), placement,
+                          exchange)
 
 
 # ----------------------------------------------------------------------------- search
@@ -577,13 +637,14 @@ def candidate_placements(network, n_devices: int, presets=None) -> list:
 
 
 def search(network, batch: int, cluster: ClusterSpec, optimizer=None, dtype="float32",
-           presets=None, fused: bool = True) -> list[Prediction]:
+           presets=None, fused: bool = True, exchange: str = "direct") -> list[Prediction]:
     """Predictions for every candidate placement, fastest fitting first, non-fitting last.
 
     Candidates are the presets (``single``, ``data_parallel``, ``model_parallel``,
     ``spatial_parallel`` where the network has convolutions, ``hybrid``) over worker counts
     that are powers of two up to the cluster's device count (and that count), every
     factorisation ``data x model`` for ``hybrid``. A candidate the lowering rejects is skipped.
+    ``fused`` and ``exchange`` are passed to :func:`simulate`.
 
     >>> from rapydli import Sequential, Dense
     >>> cluster = parse_cluster({"nodes": 1, "devices_per_node": 2,
@@ -593,10 +654,12 @@ def search(network, batch: int, cluster: ClusterSpec, optimizer=None, dtype="flo
     >>> [p.label for p in ranked][:1]
     ['single Mesh()']
     """
+    _check_exchange(exchange)
     out = []
     for placement in candidate_placements(network, cluster.n_devices, presets):
         try:
-            out.append(simulate(network, placement, batch, cluster, optimizer, dtype, fused))
+            out.append(simulate(network, placement, batch, cluster, optimizer, dtype, fused,
+                                exchange))
         except RapydliError:
             continue
     return sorted(out, key=lambda p: (not p.fits, p.step_time))
@@ -626,7 +689,8 @@ def format_prediction(p: Prediction) -> str:
         f"  compute (busiest)    {_time(p.compute_time):>10}",
         f"  communication        {_time(p.comm_time):>10}   ({_size(p.bytes_moved)} in "
         f"{p.n_transfers} transfers; exposed {_time(p.exposed_comm)})",
-        f"  overhead and waiting {_time(p.other_time):>10}   ({p.n_tasks} Dask tasks)",
+        f"  overhead and waiting {_time(p.other_time):>10}   ({p.n_tasks} Dask tasks, "
+        f"{p.exchange} exchange)",
         f"  memory: {'fits' if p.fits else 'DOES NOT FIT'} in "
         f"{_size(p.memory_capacity)} per device",
         "  device  compute     params  optimizer  gradients  activations      total",

@@ -26,6 +26,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                      help="rank every preset over the mesh shapes that fit the cluster")
     sim.add_argument("--top", type=int, default=0, metavar="K",
                      help="with --search, show only the K best (default: all)")
+    sim.add_argument("--exchange", choices=("direct", "graph"), default="direct",
+                     help="how tiles travel between workers (as Engine(exchange=...)); "
+                          "'direct' is the engine's default on a cluster")
     sim.add_argument("--unfused", action="store_true",
                      help="simulate one Dask task per tile op (as Engine(fused=False))")
     sim.set_defaults(func=cmd_simulate)
@@ -50,7 +53,8 @@ def cmd_simulate(args) -> int:
     optimizer, dtype = config.optimizer.build(), config.train.dtype
     print(cluster.describe())
     if args.search:
-        ranked = search(network, batch, cluster, optimizer, dtype, fused=not args.unfused)
+        ranked = search(network, batch, cluster, optimizer, dtype, fused=not args.unfused,
+                        exchange=args.exchange)
         shown = ranked[:args.top] if args.top > 0 else ranked
         print(f"batch {batch}: {len(ranked)} candidate placements, fastest that fits first\n")
         print(format_ranking(shown))
@@ -58,6 +62,6 @@ def cmd_simulate(args) -> int:
             print(f"\nbest:\n{format_prediction(ranked[0])}")
         return 0
     prediction = simulate(network, config.placement.build(), batch, cluster, optimizer, dtype,
-                          fused=not args.unfused)
+                          fused=not args.unfused, exchange=args.exchange)
     print(format_prediction(prediction))
     return 0
