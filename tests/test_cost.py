@@ -286,7 +286,7 @@ def test_direct_model_parallel_pays_no_dispatch_per_exchange():
 def test_direct_reader_waits_for_the_tile():
     spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, per_task=0.5,
                    dispatch=2.0)
-    p = simulate_graph(overlap_graph(2000), spec)
+    p = simulate_graph(overlap_graph(2000), spec, exchange="direct")
     slots = {s.name: (s.start, s.end) for s in p.schedule}
     # worker tasks start at once (0.5 s per task); a ends at 1.5 and s posts its tile then
     assert (p.exchange, p.n_tasks) == ("direct", 2)
@@ -307,7 +307,7 @@ def test_direct_worker_task_holds_its_device():
     g = overlap_graph(2000)
     g.add_op(TileOp("out", "output", "comm", None, None, flops=1000))  # no input: on device 0
     spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, per_task=0.5)
-    slots = {s.name: (s.start, s.end) for s in simulate_graph(g, spec).schedule}
+    slots = {s.name: (s.start, s.end) for s in simulate_graph(g, spec, exchange="direct").schedule}
     assert slots["w0"] == (0.0, 0.5) and slots["b"] == pytest.approx((1.5, 11.5))
     assert slots["out"] == pytest.approx((11.5, 13.0))
 

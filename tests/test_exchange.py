@@ -152,7 +152,7 @@ def test_direct_and_graph_exchanges_train_bitwise_alike(client, placement):
 
 def test_exchange_is_chosen_and_checked(client):
     net = _mlp()
-    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "direct"
+    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "graph"
     assert Engine(net, rd.data_parallel(2), OPTIMIZER, None).exchange == "graph"
     assert Engine(net, rd.data_parallel(2), OPTIMIZER, client, fused=False).exchange == "graph"
     with pytest.raises(ValueError, match="needs a Dask client"):
@@ -289,8 +289,8 @@ def test_fit_passes_the_exchange_to_its_engine(client):
     y = np.arange(64) % 10
     runs = {ex: rd.fit(net, x, y, placement=rd.data_parallel(2), client=client, epochs=2,
                        batch_size=16, exchange=ex, steps_per_task=2)
-            for ex in ("graph", "auto")}
+            for ex in ("graph", "direct")}
     for name, value in runs["graph"].params.items():
-        np.testing.assert_array_equal(runs["auto"].params[name], value, err_msg=name)
+        np.testing.assert_array_equal(runs["direct"].params[name], value, err_msg=name)
     with pytest.raises(ValueError, match="exchange: expected one of"):
         rd.fit(net, x, y, placement=rd.data_parallel(2), client=client, exchange="p2p")

@@ -25,8 +25,8 @@ exchange runs them:
   ``bytes / bandwidth`` (latency is in flight, not occupancy). Waiting transfers go first come,
   first served; ready tasks go by Dask's order (sends first, then graph order).
 
-That is the ``"graph"`` exchange. In the ``"direct"`` exchange (``exchange="direct"``, the
-default, as the engine's on a cluster of more than one mesh worker; see
+That is the ``"graph"`` exchange. In the ``"direct"`` exchange (``exchange="direct"``, opt-in
+as in the engine; see
 :mod:`rapydli.scheduler.mailbox`) the Dask tasks are those of ``fuse(graph, direct=True)``: one
 per worker holding all its ops, in :func:`~rapydli.graph.fuse.mail_order`, plus the sends read
 only by outputs and the outputs themselves. The replay then differs in this:
@@ -60,7 +60,7 @@ machine in :mod:`rapydli.scheduler.calibrate`; both are re-exported here.
 ...     "device": {"flops": "1 GFLOP/s", "memory": "1 GB"},
 ...     "links": {"intra_node": {"bandwidth": "1 GB/s", "latency": "1 ms"}}})
 >>> net = Sequential([Dense(4, activation="relu"), Dense(3)], input_shape=(5,))
->>> p = simulate(net, data_parallel(2), 8, cluster, SGD())
+>>> p = simulate(net, data_parallel(2), 8, cluster, SGD(), exchange="direct")
 >>> p.fits, p.n_workers, p.exchange, p.bytes_moved  # 39 float32 gradients each way, 16 B loss
 (True, 2, 'direct', 328)
 """
@@ -532,7 +532,7 @@ def _check_exchange(exchange: str) -> None:
 
 
 def simulate_graph(graph, cluster: ClusterSpec, fused: bool = True, label: str = "",
-                   placement=None, exchange: str = "direct") -> Prediction:
+                   placement=None, exchange: str = "graph") -> Prediction:
     """Replay a lowered :class:`~rapydli.graph.lower.TileGraph` on ``cluster``.
 
     ``fused=False`` makes every tile op a Dask task of its own (as ``Engine(fused=False)``),
@@ -583,7 +583,7 @@ def placement_label(placement) -> str:
 
 
 def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=None,
-             dtype="float32", fused: bool = True, exchange: str = "direct") -> Prediction:
+             dtype="float32", fused: bool = True, exchange: str = "graph") -> Prediction:
     """Predict one training step of ``network`` under ``placement`` on ``cluster``.
 
     Parameters
@@ -659,7 +659,7 @@ def candidate_placements(network, n_devices: int, presets=None) -> list:
 
 
 def search(network, batch: int, cluster: ClusterSpec, optimizer=None, dtype="float32",
-           presets=None, fused: bool = True, exchange: str = "direct") -> list[Prediction]:
+           presets=None, fused: bool = True, exchange: str = "graph") -> list[Prediction]:
     """Predictions for every candidate placement, fastest fitting first, non-fitting last.
 
     Candidates are the presets (``single``, ``data_parallel``, ``model_parallel``,

@@ -26,9 +26,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                      help="rank every preset over the mesh shapes that fit the cluster")
     sim.add_argument("--top", type=int, default=0, metavar="K",
                      help="with --search, show only the K best (default: all)")
-    sim.add_argument("--exchange", choices=("direct", "graph"), default="direct",
+    sim.add_argument("--exchange", choices=("direct", "graph"), default="graph",
                      help="how tiles travel between workers (as Engine(exchange=...)); "
-                          "'direct' is the engine's default on a cluster")
+                          "'graph' is the engine's default")
     sim.add_argument("--unfused", action="store_true",
                      help="simulate one Dask task per tile op (as Engine(fused=False))")
     sim.set_defaults(func=cmd_simulate)
