@@ -17,13 +17,14 @@ or with ``--calibrate`` on :func:`~rapydli.scheduler.cost.calibrate_local` run o
 cluster at the start of every round, so that calibration and measurement see the same load on
 this shared machine; the prediction uses the median of each calibrated number over the timed
 rounds (its YAML is printed; ``--write FILE`` saves it). Each case is predicted with the
-exchange its engine uses (the engine's default: ``direct`` on the 2-worker cluster); a 1-worker
+exchange its engine uses (``--exchange``; the engine's default is ``graph``); a 1-worker
 plan sends nothing between workers, so both exchanges are one plan, simulated as ``graph``. The
 table's ``exchange`` column says which model each row used.
 
 Goal: predicted / measured within 30% (0.7 to 1.3) for every 1- and 2-worker case.
 
     python benchmarks/simulate_validate.py [--rounds 5] [--steps 4] [--calibrate] [--write F]
+                                           [--exchange auto|direct|graph]
 """
 from __future__ import annotations
 
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="calibrate_local() on the 2-worker cluster first and predict with it")
     parser.add_argument("--write", metavar="FILE", help="save the calibrated cluster YAML here")
+    parser.add_argument("--exchange", default="auto", choices=("auto", "direct", "graph"),
+                        help="the engines' exchange (auto: the engine's default)")
     args = parser.parse_args()
     C.pin_threads(1)  # workers inherit 1 BLAS thread; the client process stays light
 
@@ -152,7 +155,8 @@ def main() -> None:
         runs, labels = {}, {}
         for name, net, batch, placements in cases(rd):
             for label, placement, n in placements:
-                engine = C.make_engine(net, placement, clients[n], n_samples=args.samples)
+                engine = C.make_engine(net, placement, clients[n], n_samples=args.samples,
+                                       exchange=args.exchange)
                 runs[(name, label)] = (engine, batch)
                 labels[(name, label)] = (net, placement, batch, n,
                                          engine.plan(batch, "train").n_tasks, engine.exchange)

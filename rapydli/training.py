@@ -105,8 +105,9 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers; ``"auto"`` (the
     default) sizes the graphs from the measured step time on a cluster (about half a second
     of work each, see :class:`rapydli.trainer.TaskSize`) and runs one step at a time
-    in-process. ``exchange`` is how tiles travel between workers (``"auto"``: ``"direct"``
-    on a cluster, see :mod:`rapydli.scheduler.mailbox`; ``"graph"``: as Dask dependencies).
+    in-process. ``exchange`` is how tiles travel between workers: ``"graph"`` (as Dask
+    dependencies; what ``"auto"`` picks) or ``"direct"`` (worker to worker inside tasks, see
+    :mod:`rapydli.scheduler.mailbox`).
 
     With ``checkpoints`` (a :class:`~rapydli.storage.checkpoint.Checkpoints`), a checkpoint is
     written every ``checkpoint_every`` steps and at the end; ``resume=(params, opt_state,

@@ -26,6 +26,19 @@ def client():
     cluster.close()
 
 
+@pytest.fixture(scope="module")
+def process_client():
+    """Two real worker processes under nannies (a killed one is restarted), per test module."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.CRITICAL)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
 @pytest.fixture(scope="session")
 def s3_options():
     """s3fs ``storage_options`` for a local moto S3 server that runs for the whole session.

@@ -6,7 +6,6 @@ against the graph exchange and the single worker on the in-process cluster; fail
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
@@ -237,18 +236,6 @@ def test_a_peer_task_failing_mid_step_fails_the_step(client):
     client.submit(int, 1, workers=[engine.workers[0]], pure=False).result(timeout=20)
     assert time.monotonic() - start < 30
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def process_client():
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.CRITICAL)
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def _hold(event_name: str):

@@ -1,7 +1,6 @@
 """Checkpoints every N steps, resume where a run stopped, and runs that survive a killed worker."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -118,19 +117,6 @@ def test_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path):
     params, _, meta = load_checkpoint(tmp_path)
     assert meta["step"] >= 1
     assert params["w"].shape == (4_000_000,) and np.all(params["w"] == meta["step"])
-
-
-@pytest.fixture(scope="module")
-def process_client():
-    """Two real worker processes under nannies (a killed one is restarted)."""
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.CRITICAL)
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def test_training_survives_a_killed_worker(problem, process_client):

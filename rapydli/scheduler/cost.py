@@ -318,15 +318,16 @@ def _carriers(graph, keys: list[str], mail: set[str]) -> dict[str, str]:
     return carrier
 
 
-def _posting(graph, cluster: ClusterSpec, key: str, worker: int, carriers: dict) -> float:
-    """Device seconds a worker spends posting the tiles op ``key`` carries, where the devices
-    of a node share its cores (``node.flops``): the comms' CPU work (socket writes, framing)
-    takes the cores the kernels run on. One ``per_task`` per message (an actor call) plus the
-    tiles' bytes at the link's bandwidth; nothing where devices have cores of their own."""
+def _posting(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> float:
+    """Device seconds a worker spends posting the tiles of ``sends`` (one run of mail sends,
+    leaving as one message per receiving worker), where the devices of a node share its cores
+    (``node.flops``): the comms' CPU work (socket writes, framing) takes the cores the kernels
+    run on. One ``per_task`` per message (an actor call) plus the tiles' bytes at the link's
+    bandwidth; nothing where devices have cores of their own."""
     if not cluster.node_flops:
         return 0.0
     dests: dict[int, int] = {}
-    for mail in (m for m, c in carriers.items() if c == key):
+    for mail in sends:
         for reader in graph.successors(mail):
             dest = graph.op(reader).worker
             dests[dest] = dests.get(dest, 0) + graph.op(mail).nbytes
@@ -338,11 +339,14 @@ def _program(graph, cluster: ClusterSpec, name: str, worker: int, keys: list[str
              units: dict[str, _Unit], carriers: dict) -> None:
     """Units of worker task ``name`` of a direct exchange: its start (``per_task``), then one
     unit per op, each waiting for the one before it (the worker runs them in order)."""
+    carried: dict[str, list[str]] = {}  # carrier op -> the mail sends leaving after it
+    for mail, carrier in carriers.items():
+        carried.setdefault(carrier, []).append(mail)
     chain = [_Unit(name, worker, 0.0, cluster.overhead.per_task, (True, i, 0), name, False)]
     for k, key in enumerate(keys, 1):
         chain.append(_Unit(key, worker, _seconds(graph, [key], cluster) +
-                           _posting(graph, cluster, key, worker, carriers), 0.0, (True, i, k),
-                           name, k == len(keys)))
+                           _posting(graph, cluster, carried.get(key, []), worker), 0.0,
+                           (True, i, k), name, k == len(keys)))
         _link(chain[-2], chain[-1], 0.0)
     units.update((u.name, u) for u in chain)
 

@@ -350,7 +350,7 @@ def _worker_resources(client) -> dict[str, dict]:
 
 
 def _exchange(exchange: str, client, fused: bool) -> str:
-    """The exchange an engine uses: ``"auto"`` is direct on a cluster, else graph."""
+    """The exchange an engine uses (``"auto"``: graph), checked against its client."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES}; received {exchange!r}")
     if exchange == "direct" and (client is None or not fused):

@@ -27,8 +27,6 @@ from rapydli.graph.ops import aligned
 #: seconds a take waits for a tile before giving up (a step that computes this long between
 #: two exchanges is far beyond anything the engine plans)
 TAKE_TIMEOUT = 600.0
-#: how often a waiting take checks whether its mailbox was closed
-POLL_SECONDS = 0.5
 #: the key under which a failed task posts its error to its peers, per step
 FAILED = "__failed__"
 
@@ -91,17 +89,9 @@ class Mailbox:
                         f"mailbox {self.name}: {key[1]!r} of step {step} did not arrive in "
                         f"{timeout:.0f} s; the worker sending it may be stuck or lost (see its "
                         "log), or a step computes longer than the timeout between exchanges")
-                self._cond.wait(min(left, POLL_SECONDS))
+                self._cond.wait(left)  # put and close notify
             value = self.items.pop(key)
         return aligned(value)
-
-    def forget(self, step: str) -> int:
-        """Drop what is held for ``step`` (a failed step's leftovers); returns how many."""
-        with self._cond:
-            keys = [k for k in self.items if k[0] == step]
-            for k in keys:
-                del self.items[k]
-        return len(keys)
 
     def close(self, reason: str = "engine closed") -> None:
         """Wake every waiting take with an error; nothing is held any more."""
@@ -110,9 +100,6 @@ class Mailbox:
             self.items.clear()
             self._cond.notify_all()
         Mailbox._here.pop(self.name, None)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 @dataclass(frozen=True)
