@@ -281,3 +281,26 @@ def test_fit_passes_the_exchange_to_its_engine(client):
         np.testing.assert_array_equal(runs["direct"].params[name], value, err_msg=name)
     with pytest.raises(ValueError, match="exchange: expected one of"):
         rd.fit(net, x, y, placement=rd.data_parallel(2), client=client, exchange="p2p")
+
+
+def test_graphs_in_flight_together_run_in_one_order_on_every_worker(client):
+    """Evaluation submits all its batches at once, and nothing orders those graphs for Dask:
+    without the engine chaining each worker's tasks in submission order, one worker may run
+    batch 2 while its peer runs batch 1, each waiting for the other's tiles."""
+    from distributed import wait
+
+    net = cnn()
+    x, y = data(net, 48, "float64")
+    results = {}
+    for exchange in ("direct", "graph"):
+        engine = Engine(net, PLACEMENTS["hy12"]("cnn"), OPTIMIZER, client, "float64",
+                        exchange=exchange)
+        engine.set_params(net.init(0))
+        engine.set_data("test", x, y)
+        bounds = [engine.run("eval", np.arange(i, i + 6), "test")["metrics"]
+                  for i in range(0, 48, 6)]
+        done, waiting = wait([b.value for b in bounds], timeout=60)
+        assert not waiting, f"{len(waiting)} of {len(bounds)} evaluation steps never finished"
+        results[exchange] = [engine.value(b) for b in bounds]
+        engine.close()
+    assert results["direct"] == results["graph"]

@@ -54,11 +54,13 @@ class Bound:
     alone: bool = False
 
 
-def run_task(program, keep, prefixes, exchange, *values):
+def run_task(program, keep, prefixes, exchange, after, *values):
     """Entry point of every Dask task of a plan: pick bound values (realigned where they
     arrived misaligned, see :func:`aligned`), then run the ops. ``exchange`` posts and takes
     the tiles of a direct exchange (``None`` in the graph exchange); a task that fails tells
-    its peers through it, so none of them waits for tiles that will not come."""
+    its peers through it, so none of them waits for tiles that will not come. ``after`` is
+    the output of the same worker's previous direct-exchange task, unused: depending on it
+    makes every worker run those tasks in the order they were submitted."""
     values = tuple(aligned(pick(v, p)) for v, p in zip(values, prefixes))
     if exchange is None:
         return run_fused(program, keep, *values)
@@ -146,12 +148,17 @@ class StepPlan:
     def n_tasks(self) -> int:
         return len(self.tasks)
 
-    def instantiate(self, step, bindings: dict, workers: list[str], exchange=None):
+    def instantiate(self, step, bindings: dict, workers: list[str], exchange=None,
+                    after=None):
         """A ``HighLevelGraph`` for one step. ``bindings`` maps placeholders to :class:`Bound`.
 
         ``workers[i]`` is the address of mesh worker ``i``; task keys are ``(name, step)``.
         ``exchange(i)``: the object mail tasks of mesh worker ``i`` post and take tiles
         through (needed when the plan has mail, see :mod:`rapydli.scheduler.mailbox`).
+        ``after[i]``: what mesh worker ``i``'s mail task must wait for (its previous one).
+        Each graph's mail tasks are deadlock-free among themselves (one shared op order); two
+        graphs in flight at once (evaluation steps, say) are only if every worker runs them
+        in the same order, which this dependency enforces.
         """
         if self.mail and exchange is None:
             raise ValueError("this plan exchanges tiles directly: pass exchange=")
@@ -167,9 +174,10 @@ class StepPlan:
                     args.append(bound.value)
                     prefixes.append(bound.path)
             mailer = exchange(task.worker) if task.mail else None
+            before = (after or {}).get(task.worker) if task.mail else None
             layers[self._layer_of[task.name]][(task.name, step)] = Task(
                 (task.name, step), run_task, task.program, task.keep, tuple(prefixes), mailer,
-                *args)
+                before, *args)
         hl_layers = {}
         for lname, tasks in layers.items():
             annotations = None

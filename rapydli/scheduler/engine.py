@@ -53,8 +53,8 @@ class Engine:
         #: the direct exchange's mailbox actors (futures) and their addresses, once started
         self._mailboxes: list = []
         self._boxes: tuple = ()
-        #: futures of direct-exchange tasks that only post tiles, until they finished
-        self._held: list = []
+        #: per mesh worker, its last direct-exchange task (future): the next one waits for it
+        self._last_mail: dict[int, object] = {}
         #: worker address of each mesh worker (``None``: this process)
         self.workers: list = (bind_workers(client, self.placement.mesh) if client else
                               [None] * self.placement.mesh.size)
@@ -228,13 +228,15 @@ class Engine:
             else:
                 bindings[key] = self._resident(key, info)
         step = f"{self._token}-{next(self._steps)}"
+        after = {w: f for w, f in self._last_mail.items() if f.status != "error"}
         graph = plan.instantiate(step, bindings, self.workers,
-                                 self._exchange_for(step) if plan.mail else None)
+                                 self._exchange_for(step) if plan.mail else None, after)
         wanted = sorted({loc.task for loc in _leaves(plan.outputs)})
-        mail = [t.name for t in plan.tasks.values() if t.mail and t.name not in wanted]
-        values = dict(zip(wanted + mail, self._compute(graph, [(t, step) for t in wanted + mail])))
-        if mail:  # tasks no output depends on in Dask's eyes: held until they ran
-            self._held = [f for f in self._held if not f.done()] + [values[t] for t in mail]
+        # every mail task runs, even one no output depends on in Dask's eyes (it only posts)
+        mail = {t.name: t.worker for t in plan.tasks.values() if t.mail}
+        keys = wanted + sorted(set(mail) - set(wanted))
+        values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
+        self._last_mail.update((worker, values[name]) for name, worker in mail.items())
         outputs = _resolve(plan.outputs, values)
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
@@ -308,7 +310,7 @@ class Engine:
             from rapydli.scheduler.mailbox import close_mailboxes
 
             close_mailboxes(self._mailboxes)
-            self._mailboxes, self._boxes, self._held = [], (), []
+            self._mailboxes, self._boxes, self._last_mail = [], (), {}
         self.resident.clear()
         self.data.clear()
         self._move("closed")
@@ -357,7 +359,7 @@ def _exchange(exchange: str, client, fused: bool) -> str:
         raise ValueError("exchange='direct' needs a Dask client and fused plans (the tasks of "
                          "all workers must run at the same time); use exchange='graph' or "
                          "'auto' in-process or unfused")
-    if exchange == "auto":  # direct stays opt-in until the main job's hang is understood
+    if exchange == "auto":  # direct stays opt-in until it has been validated as the default
         return "graph"
     return exchange
 
