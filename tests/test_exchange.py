@@ -299,8 +299,7 @@ def test_graphs_in_flight_together_run_in_one_order_on_every_worker(client):
         engine.set_data("test", x, y)
         bounds = [engine.run("eval", np.arange(i, i + 6), "test")["metrics"]
                   for i in range(0, 48, 6)]
-        done, waiting = wait([b.value for b in bounds], timeout=60)
-        assert not waiting, f"{len(waiting)} of {len(bounds)} evaluation steps never finished"
+        wait([b.value for b in bounds], timeout=60)  # TimeoutError: some never finished
         results[exchange] = [engine.value(b) for b in bounds]
         engine.close()
     assert results["direct"] == results["graph"]
