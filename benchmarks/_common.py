@@ -149,13 +149,13 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
 
 
 def make_engine(net, placement=None, client=None, fused=True, lr=0.01, momentum=0.9,
-                n_samples=2048, seed=0, exchange="auto"):
+                n_samples=2048, seed=0, exchange="auto", workers=None):
     """An :class:`Engine` with SGD(lr, momentum), fresh params and a synthetic ``train`` set."""
     import rapydli as rd
     from rapydli.scheduler.engine import Engine
 
     engine = Engine(net, placement, rd.SGD(lr=lr, momentum=momentum), client, "float32", fused,
-                    exchange=exchange)
+                    exchange=exchange, workers=workers)
     engine.set_params(net.init(seed))
     engine.set_data("train", *synthetic(net, n_samples, seed))
     return engine

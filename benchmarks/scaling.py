@@ -11,6 +11,14 @@ runs (one warm-up round first) and the table shows medians: samples/s, speedup =
 1-worker throughput, efficiency = speedup / 2. The goals are checked on the default exchange.
 
 Goals: speedup >= 1.7x (data parallel, MLP batch 512) and >= 1.5x (model parallel, 4096 wide).
+
+The data-parallel case also measures what this machine allows without any exchange (row
+``side by side``): two independent single-worker trainings at half the batch, one pinned to
+each worker of the 2-worker cluster (``Engine(workers=[...])``), run at the same time from
+two client threads. Their step (the slower of the two) is a 2-worker data-parallel step less
+its gradient exchange: the same kernels on the same cores, the same cluster and scheduler,
+each engine updating its own replica. Its speedup is the ceiling
+the data-parallel goal meets on this machine (``--skip-ceiling`` leaves it out).
 Two small MLPs (batch 64) follow, where a step is mostly exchanges: they show what each
 exchange costs per step (no goal; ``--skip-small`` leaves them out).
 
@@ -21,21 +29,47 @@ Steps go into task graphs as ``fit`` puts them by default (``--steps-per-task au
 from __future__ import annotations
 
 import argparse
+import threading
 
 import _common as C
 
 
-def measure(label, net, batch, steps, rounds, engines, samples, sizes):
+def measure(label, net, batch, steps, rounds, engines, samples, sizes, pair=None):
     """Median seconds per step of each engine, rounds alternating between them; ``sizes``
-    holds each engine's steps per task (or its ``TaskSize``)."""
-    times = {k: [] for k in engines}
+    holds each engine's steps per task (or its ``TaskSize``). ``pair``: ``(key, engines,
+    sizes)`` of two 1-worker engines timed side by side at half the batch, as one more
+    entry ``key``."""
+    keys = [*engines, *([pair[0]] if pair else [])]
+    times = {k: [] for k in keys}
     for r in range(rounds + 1):
         indices = C.batches(samples, batch, steps, start=r * steps)
-        for key, engine in engines.items():
-            seconds = C.run_steps(engine, indices, steps_per_task=sizes[key])
+        for key in keys:
+            if pair and key == pair[0]:
+                half = C.batches(samples, batch // 2, steps, start=r * steps)
+                seconds = side_by_side(pair[1], half, pair[2])
+            else:
+                seconds = C.run_steps(engines[key], indices, steps_per_task=sizes[key])
             if r:
                 times[key].append(seconds / steps)
     return {k: C.median(v) for k, v in times.items()}
+
+
+def side_by_side(engines, indices, sizes) -> float:
+    """Seconds until every engine has run ``indices``, all started together, one client
+    thread each (the slowest one decides, as the slowest worker does in data parallel)."""
+    seconds = [0.0] * len(engines)
+    start = threading.Barrier(len(engines))
+
+    def run(i):
+        start.wait()
+        seconds[i] = C.run_steps(engines[i], indices, steps_per_task=sizes[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(engines))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return max(seconds)
 
 
 def main() -> None:
@@ -48,6 +82,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--skip-mp", action="store_true", help="data parallel only")
     parser.add_argument("--skip-small", action="store_true", help="no small-MLP rows")
+    parser.add_argument("--skip-ceiling", action="store_true",
+                        help="no side-by-side row (the data-parallel ceiling without exchange)")
     parser.add_argument("--exchanges", default="direct,graph",
                         help="2-worker exchanges to run, comma-separated (the first is checked)")
     parser.add_argument("--steps-per-task", default="auto",
@@ -64,6 +100,7 @@ def main() -> None:
     print(C.machine_line())
     c1 = C.cluster_client(1, 1)
     c2 = C.cluster_client(2, 1)
+    c2_workers = sorted(c2.scheduler_info()["workers"])
     print(f"worker thread pools: 1-worker cluster {C.worker_blas_threads(c1)}; "
           f"2-worker cluster {C.worker_blas_threads(c2)}")
     cases = [("data parallel", C.mlp(), args.batch, args.steps, rd.data_parallel(2), 1.7)]
@@ -74,7 +111,7 @@ def main() -> None:
         cases += [("data parallel", C.mlp((784, 128, 10)), 64, 48, rd.data_parallel(2), None),
                   ("model parallel", C.mlp((784, 128, 128, 10)), 64, 48, rd.model_parallel(2),
                    None)]
-    rows, goals = [], []
+    rows, goals, ceilings = [], [], []
     try:
         for label, net, batch, steps, placement, goal in cases:
             engines = {("1", "-"): C.make_engine(net, None, c1, n_samples=args.samples)}
@@ -83,7 +120,13 @@ def main() -> None:
                                                          n_samples=args.samples,
                                                          exchange=exchange)
             sizes = {n: TaskSize(spt, distributed=True) for n in engines}
-            t = measure(label, net, batch, steps, args.rounds, engines, args.samples, sizes)
+            pair = None
+            if not args.skip_ceiling and label == "data parallel" and goal:
+                pair = (("2", "none"), [C.make_engine(net, None, c2, n_samples=args.samples,
+                                                      workers=[w]) for w in c2_workers],
+                        [TaskSize(spt, distributed=True) for _ in range(2)])
+            t = measure(label, net, batch, steps, args.rounds, engines, args.samples, sizes,
+                        pair)
             widths = "-".join(str(w) for w in (net.input_shape[0], *(
                 layer.units for layer in net.layers)))
             for (n, exchange), engine in engines.items():
@@ -96,10 +139,18 @@ def main() -> None:
                              f"{speedup:.2f}x" if two else "", f"{speedup / 2:.0%}" if two
                              else "", f">= {goal}x" if goal and two and exchange == exchanges[0]
                              else ""])
+            if pair:
+                k = pair[2][0].steps
+                speedup = t[("1", "-")] / t[pair[0]]
+                rows.append([label, widths, f"2x{batch // 2}", "2", "side by side",
+                             f"{2 * pair[1][0].plan(batch // 2, 'train', k).n_tasks / k:.2f} "
+                             f"({k})", f"{t[pair[0]] * 1e3:.0f}", f"{batch / t[pair[0]]:,.0f}",
+                             f"{speedup:.2f}x", f"{speedup / 2:.0%}", "(ceiling)"])
+                ceilings.append((label, speedup))
             if goal:
                 goals.append((f"{label}, {exchanges[0]} exchange", goal,
                               t[("1", "-")] / t[("2", exchanges[0])]))
-            for engine in engines.values():
+            for engine in [*engines.values(), *(pair[1] if pair else [])]:
                 engine.close()
     finally:
         C.close_client(c1)
@@ -111,6 +162,9 @@ def main() -> None:
                   ["<", "<", ">", ">", "<", ">", ">", ">", ">", ">", ">"]))
     for label, goal, speedup in goals:
         print(C.goal_line(f"{label} speedup >= {goal}x", speedup >= goal))
+    for label, speedup in ceilings:
+        print(f"ceiling ({label}): two independent half-batch trainings side by side run "
+              f"{speedup:.2f}x the 1-worker throughput on this machine, with no exchange at all")
 
 
 if __name__ == "__main__":

@@ -323,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unroll this many training steps into one task graph; 'auto' "
                             "(default): about half a second of work per task")
     train.add_argument("--exchange", default="auto", choices=("auto", "direct", "graph"),
-                       help="how tiles travel between workers: graph (each as a Dask "
-                            "dependency; what 'auto' picks) or direct (worker to worker inside "
-                            "each worker's step task)")
+                       help="how tiles travel between workers: direct (worker to worker "
+                            "inside each worker's step task; what 'auto' picks with more than "
+                            "one worker) or graph (each tile a Dask dependency; for trainings "
+                            "started from several processes on the same workers)")
     train.add_argument("--mesh", help="override the placement mesh, e.g. data=2,model=2")
     train.add_argument("--epochs", type=int, help="override train.epochs")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -105,9 +105,10 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers; ``"auto"`` (the
     default) sizes the graphs from the measured step time on a cluster (about half a second
     of work each, see :class:`rapydli.trainer.TaskSize`) and runs one step at a time
-    in-process. ``exchange`` is how tiles travel between workers: ``"graph"`` (as Dask
-    dependencies; what ``"auto"`` picks) or ``"direct"`` (worker to worker inside tasks, see
-    :mod:`rapydli.scheduler.mailbox`).
+    in-process. ``exchange`` is how tiles travel between workers: ``"direct"`` (worker to
+    worker inside tasks, see :mod:`rapydli.scheduler.mailbox`; what ``"auto"`` picks on a
+    cluster with more than one mesh worker) or ``"graph"`` (as Dask dependencies; use it when
+    trainings started from several processes share workers).
 
     With ``checkpoints`` (a :class:`~rapydli.storage.checkpoint.Checkpoints`), a checkpoint is
     written every ``checkpoint_every`` steps and at the end; ``resume=(params, opt_state,

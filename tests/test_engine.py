@@ -42,6 +42,50 @@ def test_weights_stay_on_their_workers(client, problem):
     assert shards == [((0, 6), (0, 64)), ((6, 12), (0, 64))]
 
 
+def test_engines_pinned_to_chosen_workers_stay_there(client, problem):
+    """Engine(workers=[...]) binds mesh workers to the named addresses: two single-worker
+    engines on two different workers keep their weights there and compute what an
+    in-process engine computes."""
+    net, x, y = problem
+    addresses = sorted(client.scheduler_info()["workers"])
+    results = []
+    for address in addresses[1:3]:
+        engine = Engine(net, None, rd.SGD(lr=0.1, momentum=0.9), client, workers=[address])
+        assert engine.workers == [address]
+        engine.set_params(net.init(0))
+        engine.set_data("train", x, y)
+        engine.value(engine.run("train", np.arange(32))["metrics"])
+        bounds = [bound.value for bound in engine.resident.values()]
+        wait(bounds)
+        assert all(holders == (address,) for holders in
+                   map(tuple, client.who_has(bounds).values())), "a tile left its worker"
+        results.append(engine.get_params())
+        engine.close()
+    local = Engine(net, None, rd.SGD(lr=0.1, momentum=0.9))
+    local.set_params(net.init(0))
+    local.set_data("train", x, y)
+    local.value(local.run("train", np.arange(32))["metrics"])
+    for params in results:
+        for name, value in local.get_params().items():
+            np.testing.assert_allclose(params[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("workers, message", [
+    (["tcp://10.9.9.9:1"], "not in the cluster"),
+    ([], "needs 1 distinct worker"),
+])
+def test_pinning_to_unknown_or_too_few_workers_is_refused(client, problem, workers, message):
+    net, _, _ = problem
+    with pytest.raises(rd.PlacementError, match=message):
+        Engine(net, None, rd.SGD(lr=0.1), client, workers=workers)
+
+
+def test_pinning_without_a_client_is_refused(problem):
+    net, _, _ = problem
+    with pytest.raises(rd.PlacementError, match="needs a client"):
+        Engine(net, None, rd.SGD(lr=0.1), None, workers=["tcp://127.0.0.1:1"])
+
+
 def test_fit_learns_and_matches_single_worker(client, problem):
     net, x, y = problem
     kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=24, seed=1)

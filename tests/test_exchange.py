@@ -151,7 +151,8 @@ def test_direct_and_graph_exchanges_train_bitwise_alike(client, placement):
 
 def test_exchange_is_chosen_and_checked(client):
     net = _mlp()
-    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "graph"
+    assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "direct"
+    assert Engine(net, None, OPTIMIZER, client).exchange == "graph"  # nothing to exchange
     assert Engine(net, rd.data_parallel(2), OPTIMIZER, None).exchange == "graph"
     assert Engine(net, rd.data_parallel(2), OPTIMIZER, client, fused=False).exchange == "graph"
     with pytest.raises(ValueError, match="needs a Dask client"):
@@ -303,3 +304,33 @@ def test_graphs_in_flight_together_run_in_one_order_on_every_worker(client):
         results[exchange] = [engine.value(b) for b in bounds]
         engine.close()
     assert results["direct"] == results["graph"]
+
+
+def test_engines_sharing_workers_wait_on_no_cycle(client):
+    """Two engines on the same workers, their steps in flight together: every worker runs
+    the direct tasks of both in one order (the engines share one chain per worker), so
+    neither engine's task holds a worker while waiting for a tile its peer sends only after
+    the other engine's task there."""
+    from distributed import wait
+
+    net = cnn()
+    x, y = data(net, 48, "float64")
+    engines = []
+    for placement in ("hy12", "mp3"):
+        engine = Engine(net, PLACEMENTS[placement]("cnn"), OPTIMIZER, client, "float64")
+        assert engine.exchange == "direct"
+        engine.set_params(net.init(0))
+        engine.set_data("test", x, y)
+        engines.append(engine)
+    bounds = [(e, e.run("eval", np.arange(i, i + 6), "test")["metrics"])
+              for i in range(0, 48, 6) for e in (engines if i % 12 else engines[::-1])]
+    wait([b.value for _, b in bounds], timeout=60)  # TimeoutError: some never finished
+    first = [e.value(b) for e, b in bounds if e is engines[0]]
+    second = [e.value(b) for e, b in bounds if e is engines[1]]
+    assert first == pytest.approx(second)  # the same network and weights, placed otherwise
+    for engine in engines:
+        engine.close()
+    from rapydli.scheduler import engine as engine_module
+
+    assert not any(e._token in str(f.key) for f in engine_module._LAST_DIRECT.values()
+                   for e in engines), "a closed engine's task is still held for the next one"

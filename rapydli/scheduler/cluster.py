@@ -147,21 +147,34 @@ def jobqueue_client(system: str, n_workers: int, **kwargs):
     return client
 
 
-def bind_workers(client, mesh) -> list[str]:
+def bind_workers(client, mesh, workers=None) -> list[str]:
     """Worker addresses for mesh workers ``0 .. mesh.size-1``, repeatable and locality-aware.
 
     Mesh workers are numbered row-major (the ``model`` axis varies fastest), so the tiles that
     exchange halos and activations are consecutive numbers. Workers are therefore taken host
     by host (then by port): consecutive mesh workers share a node where they can, and the
-    border exchange between neighbouring tiles stays inside it.
+    border exchange between neighbouring tiles stays inside it. ``workers`` (addresses, one
+    per mesh worker) binds them explicitly instead; each must be a worker of the cluster.
     """
-    workers = sorted(worker_info(client), key=_host_and_port)
-    if mesh.size > len(workers):
+    known = sorted(worker_info(client), key=_host_and_port)
+    if workers is not None:
+        workers = list(workers)
+        if len(workers) != mesh.size or len(set(workers)) != len(workers):
+            raise PlacementError(
+                f"workers={workers!r}: the mesh {mesh!r} needs {mesh.size} distinct worker "
+                "addresses, one per mesh worker; pass that many, or none to bind automatically")
+        missing = [w for w in workers if w not in known]
+        if missing:
+            raise PlacementError(
+                f"worker address(es) {missing} are not in the cluster; its workers are "
+                f"{known}: pick from these (client.scheduler_info()['workers'])")
+        return workers
+    if mesh.size > len(known):
         raise PlacementError(
             f"placement needs {mesh.size} workers for {mesh!r} but the cluster has "
-            f"{len(workers)}; start more workers or choose a smaller mesh (e.g. --mesh "
-            f"data={max(len(workers), 1)})")
-    return workers[: mesh.size]
+            f"{len(known)}; start more workers or choose a smaller mesh (e.g. --mesh "
+            f"data={max(len(known), 1)})")
+    return known[: mesh.size]
 
 
 def _host_and_port(address: str) -> tuple:

@@ -6,9 +6,14 @@ datasets) and submits steps without waiting, so scheduling the next step overlap
 this one. Weights reach the client only when asked for (:meth:`Engine.get_params`).
 
 On a cluster, tiles that change worker travel by the ``exchange`` the engine is given:
-``"direct"`` (opt-in) fuses each worker's ops of a step into
-one task and posts tiles worker to worker inside the tasks (:mod:`rapydli.scheduler.mailbox`);
-``"graph"`` (the default) makes every exchange a Dask dependency, scheduled like any other.
+``"direct"`` (the default on a cluster with fused plans and more than one mesh worker) fuses
+each worker's ops of a step into one task and posts tiles worker to worker inside the tasks
+(:mod:`rapydli.scheduler.mailbox`); ``"graph"`` (the default elsewhere) makes every exchange
+a Dask dependency, scheduled like any other. A worker runs the direct tasks of every engine
+of this process in the order they were submitted (each waits for the worker's previous
+one), which keeps steps in flight together, and engines sharing workers, from waiting on
+each other in a cycle. Trainings started from *other* processes on the same workers should
+use ``"graph"``: their direct tasks are not ordered with these.
 
 Without a client the engine runs in-process on Dask's synchronous scheduler, every mesh worker
 being this process: with a one-worker placement that is the reference every placement is
@@ -17,11 +22,13 @@ compared with; with a larger mesh it runs that placement's exact plan without a 
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
 
 import dask
 import numpy as np
 
+from rapydli.errors import PlacementError
 from rapydli.graph.lower import lower
 from rapydli.graph.ops import aligned, pick
 from rapydli.graph.tiles import relative
@@ -32,16 +39,26 @@ from rapydli.scheduler.cluster import bind_workers
 
 #: engine phases and the transitions between them
 TRANSITIONS = {"new": {"ready"}, "ready": {"ready", "closed"}, "closed": set()}
-#: how tiles travel between workers (see the module doc); "auto": graph for now
+#: how tiles travel between workers (see the module doc); "auto": direct where it can run
 EXCHANGES = ("auto", "direct", "graph")
+
+#: per (client, worker address): the last direct-exchange task this process submitted there;
+#: the next one, of whichever engine, waits for it. Submissions hold the lock, so every
+#: worker sees the direct tasks in one order.
+_LAST_DIRECT: dict[tuple[str, str], object] = {}
+_DIRECT_LOCK = threading.Lock()
 
 
 class Engine:
-    """Runs ``network`` under ``placement`` on ``client`` (``None``: in-process, one worker)."""
+    """Runs ``network`` under ``placement`` on ``client`` (``None``: in-process, one worker).
+
+    ``workers``: the worker address of each mesh worker, to pin the engine to chosen workers
+    of the cluster (default: bound by :func:`rapydli.scheduler.cluster.bind_workers`).
+    """
 
     def __init__(self, network, placement=None, optimizer=None, client=None,
                  dtype="float32", fused: bool = True, device: str = "auto",
-                 exchange: str = "auto"):
+                 exchange: str = "auto", workers=None):
         self.network = network
         self.placement = placement or single()
         self.optimizer = optimizer
@@ -49,15 +66,16 @@ class Engine:
         self.dtype = np.dtype(dtype)
         self.fused = fused
         #: how tiles travel between workers: "direct" or "graph"
-        self.exchange = _exchange(exchange, client, fused)
+        self.exchange = _exchange(exchange, client, fused, self.placement.mesh.size)
         #: the direct exchange's mailbox actors (futures) and their addresses, once started
         self._mailboxes: list = []
         self._boxes: tuple = ()
-        #: per mesh worker, its last direct-exchange task (future): the next one waits for it
-        self._last_mail: dict[int, object] = {}
         #: worker address of each mesh worker (``None``: this process)
-        self.workers: list = (bind_workers(client, self.placement.mesh) if client else
-                              [None] * self.placement.mesh.size)
+        if workers is not None and client is None:
+            raise PlacementError(f"workers={workers!r} needs a client: worker addresses name "
+                                 "workers of a Dask cluster; pass client= too, or no workers")
+        self.workers: list = (bind_workers(client, self.placement.mesh, workers) if client
+                              else [None] * self.placement.mesh.size)
         #: per mesh worker: does it compute on a GPU (CuPy arrays)?
         resources = _worker_resources(client)
         self.on_gpu: list[bool] = [_wants_gpu(device, resources.get(w, {})) for w in self.workers]
@@ -228,15 +246,23 @@ class Engine:
             else:
                 bindings[key] = self._resident(key, info)
         step = f"{self._token}-{next(self._steps)}"
-        after = {w: f for w, f in self._last_mail.items() if f.status != "error"}
-        graph = plan.instantiate(step, bindings, self.workers,
-                                 self._exchange_for(step) if plan.mail else None, after)
         wanted = sorted({loc.task for loc in _leaves(plan.outputs)})
-        # every mail task runs, even one no output depends on in Dask's eyes (it only posts)
-        mail = {t.name: t.worker for t in plan.tasks.values() if t.mail}
-        keys = wanted + sorted(set(mail) - set(wanted))
-        values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
-        self._last_mail.update((worker, values[name]) for name, worker in mail.items())
+        if not plan.mail:
+            graph = plan.instantiate(step, bindings, self.workers, None, {})
+            values = dict(zip(wanted, self._compute(graph, [(t, step) for t in wanted])))
+        else:
+            # every mail task runs, even one no output depends on in Dask's eyes (it only posts)
+            mail = {t.name: t.worker for t in plan.tasks.values() if t.mail}
+            keys = wanted + sorted(set(mail) - set(wanted))
+            chain = [(self.client.id, address) for address in self.workers]
+            with _DIRECT_LOCK:
+                after = {w: _LAST_DIRECT[link] for w, link in enumerate(chain)
+                         if link in _LAST_DIRECT and _LAST_DIRECT[link].status != "error"}
+                graph = plan.instantiate(step, bindings, self.workers,
+                                         self._exchange_for(step), after)
+                values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
+                _LAST_DIRECT.update((chain[worker], values[name])
+                                    for name, worker in mail.items())
         outputs = _resolve(plan.outputs, values)
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
@@ -310,7 +336,12 @@ class Engine:
             from rapydli.scheduler.mailbox import close_mailboxes
 
             close_mailboxes(self._mailboxes)
-            self._mailboxes, self._boxes, self._last_mail = [], (), {}
+            self._mailboxes, self._boxes = [], ()
+            with _DIRECT_LOCK:  # hold no task of this engine alive for the next one to wait on
+                for address in self.workers:
+                    link = (self.client.id, address)
+                    if self._token in str(getattr(_LAST_DIRECT.get(link), "key", "")):
+                        del _LAST_DIRECT[link]
         self.resident.clear()
         self.data.clear()
         self._move("closed")
@@ -351,16 +382,18 @@ def _worker_resources(client) -> dict[str, dict]:
     return {address: info.get("resources", {}) for address, info in workers.items()}
 
 
-def _exchange(exchange: str, client, fused: bool) -> str:
-    """The exchange an engine uses (``"auto"``: graph), checked against its client."""
+def _exchange(exchange: str, client, fused: bool, n_workers: int) -> str:
+    """The exchange an engine uses, checked against its client: ``"auto"`` is direct on a
+    cluster with fused plans and a mesh of more than one worker, else graph (in-process,
+    unfused, or one worker: nothing to exchange)."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange: expected one of {EXCHANGES}; received {exchange!r}")
     if exchange == "direct" and (client is None or not fused):
         raise ValueError("exchange='direct' needs a Dask client and fused plans (the tasks of "
                          "all workers must run at the same time); use exchange='graph' or "
                          "'auto' in-process or unfused")
-    if exchange == "auto":  # direct stays opt-in until it has been validated as the default
-        return "graph"
+    if exchange == "auto":
+        return "direct" if client is not None and fused and n_workers > 1 else "graph"
     return exchange
 
 
