@@ -18,6 +18,7 @@ from rapydli.graph.to_dask import StepPlan
 from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                     format_prediction, format_ranking, load_cluster,
                                     parse_cluster, quantity, search, simulate, simulate_graph)
+from rapydli.scheduler.replay import _posting
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -90,12 +91,25 @@ def test_example_clusters_load(name):
      r"device\.efficiency: expected .* in \(0, 1\].*received 1\.5"),
     ({"nodes": 0}, r"nodes: expected a positive int; received 0"),
     ({"overhead": {"dispatch": "-1 ms"}}, r"overhead\.dispatch: expected a non-negative time"),
+    ({"overhead": {"per_message": "-5 us"}},
+     r"overhead\.per_message: expected a non-negative time .*received '-5 us'"),
     ({"device": {**RAW["device"], "kernel_efficiency": {"Conv2D": 0}}},
      r"device\.kernel_efficiency\.Conv2D: expected a fraction"),
 ])
 def test_cluster_errors_name_the_field(patch, match):
     with pytest.raises(ConfigError, match=r"cluster 'c\.yaml': " + match):
         parse_cluster({**RAW, **patch}, source="c.yaml")
+
+
+def test_per_message_round_trips_and_defaults_to_zero():
+    spec = parse_cluster({**RAW, "overhead": {**RAW["overhead"], "per_message": "40 us"}})
+    assert spec.overhead.per_message == pytest.approx(4e-5)
+    again = parse_cluster(yaml_round_trip(spec))
+    assert again.overhead.per_message == pytest.approx(4e-5)
+    assert dump_cluster(again) == dump_cluster(spec)
+    assert parse_cluster(RAW).overhead.per_message == 0.0  # specs written before it existed
+    with pytest.raises(ConfigError, match=r"overhead\.per_message: expected a non-negative"):
+        Overhead(per_message=-1e-6)
 
 
 def test_cluster_file_errors(tmp_path):
@@ -301,6 +315,29 @@ def test_direct_reader_waits_for_the_tile():
     assert graph.step_time == pytest.approx(11.5 + 2 + 0.5 + 2 + 21 + 1.5)
 
 
+def test_posting_charges_per_message_not_per_task():
+    """Where devices share a node's cores, the sender pays ``per_message`` per message (an
+    actor call) and the bytes at link bandwidth; ``per_task`` only at each task's start."""
+    g = overlap_graph(400)
+    base = dataclasses.replace(cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0),
+                               node_flops=2e3)  # room for both devices at full speed
+
+    def spec(**overhead):
+        return dataclasses.replace(base, overhead=Overhead(**overhead))
+
+    assert _posting(g, spec(per_message=0.25, per_task=7.0), ["s"], 0) == \
+        pytest.approx(0.25 + 400 / 100.0)
+    assert _posting(g, spec(per_task=7.0), ["s"], 0) == pytest.approx(400 / 100.0)
+    step = {(task, message): simulate_graph(g, spec(per_task=task, per_message=message),
+                                            exchange="direct").step_time
+            for task in (0.5, 0.75) for message in (0.0, 0.25)}
+    # one message (s's tile to worker 1) on the path: a, posting, then b (10 s)
+    assert step[0.5, 0.0] == pytest.approx(0.5 + 1 + 4 + 10)
+    assert step[0.5, 0.25] - step[0.5, 0.0] == pytest.approx(0.25)
+    # per_task is paid once, as the worker task starts, and not per message
+    assert step[0.75, 0.25] - step[0.5, 0.25] == pytest.approx(0.25)
+
+
 def test_direct_worker_task_holds_its_device():
     """Another task ready on a worker waits until the worker task there ended, even while that
     task only waits for a tile (one Dask thread per worker runs one task at a time)."""
@@ -379,4 +416,5 @@ def test_calibrate_local_measures_this_machine():
     spec = calibrate_local(repeats=1)
     assert spec.n_devices == 2 and spec.device.flops > 1e8
     assert spec.overhead.dispatch > 0 and spec.intra_node.bandwidth > 0
+    assert 0 < spec.overhead.per_message < 0.1  # seconds per 64 B actor call
     assert dump_cluster(parse_cluster(yaml_round_trip(spec))) == dump_cluster(spec)

@@ -2,7 +2,8 @@
 
 :func:`calibrate_local` times one device (:func:`measure_device`), step-like work on every
 worker at once (:func:`step_rate`) and Dask's own costs (graphs of tiny tasks pinned to
-workers), and returns a one-node cluster that :func:`rapydli.scheduler.cost.simulate` can use.
+workers; messages posted to a direct exchange's mailbox), and returns a one-node cluster that
+:func:`rapydli.scheduler.cost.simulate` can use.
 """
 from __future__ import annotations
 
@@ -155,6 +156,39 @@ def _measure_dask(client, workers: list[str], repeats: int, n: int = 21,
             "bandwidth": payload / max(moving, 1e-6)}
 
 
+def _post_seconds(boxes: tuple, n: int, nbytes: int) -> float:
+    """In a task: post ``n`` tiles of ``nbytes`` to mailbox ``boxes[0]``, one message each as
+    the engine posts a run of sends, and wait until all were delivered; seconds per message."""
+    from rapydli.scheduler.mailbox import Exchange
+
+    tile = np.ones(nbytes // 4, np.float32)
+    exchange = Exchange("calib", -1, boxes)  # -1: the sender has no mailbox, it only posts
+    start = time.perf_counter()
+    for i in range(n):
+        exchange.post(f"t{i}", tile, (0,))
+        exchange.flush()
+    exchange.finish()
+    return (time.perf_counter() - start) / n
+
+
+def _measure_message(client, workers: list[str], repeats: int, n: int = 200,
+                     nbytes: int = 64) -> float:
+    """``per_message``: the sender's seconds per small message of the direct exchange, from a
+    task on ``workers[0]`` posting to a :class:`~rapydli.scheduler.mailbox.Mailbox` on
+    ``workers[1]`` (median over ``repeats`` runs after a warm-up)."""
+    import uuid
+
+    from rapydli.scheduler.mailbox import close_mailboxes, start_mailboxes
+
+    futures, boxes = start_mailboxes(client, workers[1:2], f"calib-{uuid.uuid4().hex[:8]}")
+    try:
+        runs = [client.submit(_post_seconds, boxes, n, nbytes, pure=False,
+                              workers=workers[:1]).result() for _ in range(repeats + 1)]
+    finally:
+        close_mailboxes(futures)
+    return float(np.median(runs[1:]))  # first run: warm-up (the actor proxy, imports)
+
+
 def step_rate(seconds: float = 1.5, n_layers: int = 6) -> float:
     """FLOP/s of step-like work for ``seconds``: forward and backward of ``n_layers`` distinct
     1024-unit ReLU dense layers in turn at batch 128, on a fresh copy of the input each time.
@@ -191,7 +225,8 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
     per task when consecutive tasks alternate workers) and link ``bandwidth`` (from tasks that
     pass on 4 MB) are measured with one chain per worker running at once, as a multi-worker
     step keeps every worker busy, each task holding its worker 5 ms as step tasks compute for
-    milliseconds.
+    milliseconds. ``per_message`` is a task's wall time posting 200 messages of 64 B, one at a
+    time, to a mailbox on another worker, per message (:func:`_measure_message`).
     ``per_step`` is what steps of a network too small to compute take through the engine,
     one at a time, beyond the simulator's makespan of them (:func:`_per_step`).
     Memory is each worker's Dask memory limit.
@@ -214,13 +249,15 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
         together = client.gather([client.submit(step_rate, pure=False, workers=[w])
                                   for w in workers])  # every worker at once, as steps run
         dask_costs = _measure_dask(client, workers, repeats)
+        per_message = _measure_message(client, workers, repeats)
         memory = float(info[workers[0]].get("memory_limit") or 0) or 1e9
         link = Link(dask_costs["bandwidth"], dask_costs["latency"])
         spec = ClusterSpec(
             "this-machine", 1, len(workers),
             Device(device["flops"], memory, device["memory_bandwidth"],
                    tuple(sorted(device["kernel_efficiency"].items())), "cpu"), link, link,
-            Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"], 0.0),
+            Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"], 0.0,
+                     per_message),
             node_flops=device["flops"] * min(len(workers), sum(together) / alone))
         per_step = _per_step(client, spec, repeats)
     finally:

@@ -116,6 +116,9 @@ class Overhead:
     per_task: float = 0.0  #: device time per Dask task (deserialise, run, report)
     dispatch: float = 0.0  #: from a task's end until its dependents are handed out
     per_step: float = 0.0  #: graph submission and the metrics' trip to the client
+    #: device time a worker spends posting one message of the direct exchange (an actor call
+    #: to a peer's mailbox), besides its bytes; 0 in specs that predate it (calibration fills it)
+    per_message: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

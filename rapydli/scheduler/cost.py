@@ -6,8 +6,8 @@ devices per node, each device's achieved FLOP/s, memory and memory bandwidth, th
 node and between nodes, and what Dask itself costs. :func:`simulate` lowers the network
 (:func:`rapydli.graph.lower.lower`), fuses it into the Dask tasks the engine would run
 (:func:`rapydli.graph.fuse.fuse`), gives mesh worker ``i`` device ``i`` (nodes filled one after
-the other) and replays the tasks as a discrete-event simulation, first as the ``"graph"``
-exchange runs them:
+the other) and replays the tasks as a discrete-event simulation
+(:mod:`rapydli.scheduler.replay`), first as the ``"graph"`` exchange runs them:
 
 - a task occupies its device for ``overhead.per_task`` plus, per tile op, ``overhead.per_op`` +
   ``max(flops / rate, bytes touched / memory_bandwidth)``; ``rate`` is ``device.flops`` times the
@@ -36,9 +36,11 @@ only by outputs and the outputs themselves. The replay then differs in this:
   reads a tile of another worker waits until that tile arrived, holding its device (no other
   task starts there before the worker task ended);
 - where the devices of a node share its cores (``node.flops``), posting tiles costs the sender
-  device time: ``per_task`` per message (an actor call) plus the bytes at the link's
-  bandwidth (the comms' socket writes run on the kernels' cores; measured on this machine,
-  each worker's event loop spent 19-21 ms of CPU per data-parallel MLP step moving 7.4 MB);
+  device time: ``overhead.per_message`` per message (an actor call to the peer's mailbox;
+  0 where a spec does not set it, as in specs written before it existed:
+  :func:`calibrate_local` measures it) plus the bytes at the link's bandwidth (the comms'
+  socket writes run on the kernels' cores; measured on this machine, each worker's event loop
+  spent 19-21 ms of CPU per data-parallel MLP step moving 7.4 MB);
 - a tile read by another worker leaves when its send op ends, with no dispatch; consecutive
   sends of a program travel together, one transfer per receiving worker, when the last of them
   ends (the engine posts them in one message). Links are shared as above;
@@ -66,19 +68,20 @@ machine in :mod:`rapydli.scheduler.calibrate`; both are re-exported here.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from rapydli.errors import ConfigError, PlacementError, RapydliError
-from rapydli.graph.fuse import SOLO, fuse, mail_sends
+from rapydli.graph.fuse import mail_sends
 from rapydli.graph.tiles import shape_of
 from rapydli.scheduler.calibrate import calibrate_local, measure_device, step_rate
 from rapydli.scheduler.cluster_spec import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                             load_cluster, parse_cluster, quantity)
+from rapydli.scheduler.replay import Slot, _direct_units, _exposed, _graph_units, _Replay
 
-#: public names; the cluster specs and calibration are re-exported from their own modules
+#: public names; the cluster specs, calibration and :class:`Slot` (a replayed run) are
+#: re-exported from their own modules
 __all__ = [
     "ClusterSpec", "Device", "Link", "Overhead", "quantity", "parse_cluster", "load_cluster",
     "dump_cluster", "calibrate_local", "measure_device", "step_rate", "EXCHANGES", "MemoryUse",
@@ -100,19 +103,6 @@ class MemoryUse:
     @property
     def total(self) -> int:
         return self.params + self.optimizer + self.gradients + self.activations
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A task's run on a device (in a direct exchange: a worker task's start or one of its
-    ops, by op key), or a transfer's flight (``worker`` is then the sender)."""
-
-    name: str
-    worker: int
-    start: float
-    end: float
-    nbytes: int = 0
-    dest: int | None = None
 
 
 @dataclass(frozen=True)
@@ -217,316 +207,9 @@ def memory_by_worker(graph) -> list[MemoryUse]:
     return [MemoryUse(params[w], state[w], grads[w], sum(kept[w].values())) for w in range(n)]
 
 
-# ----------------------------------------------------------------------------- units
+# ----------------------------------------------------------------------------- simulation
 #: how tiles may travel between workers (see the module doc)
 EXCHANGES = ("direct", "graph")
-
-
-@dataclass
-class _Ship:
-    """Tiles that leave when a unit ends, for one worker, and the units waiting for them."""
-
-    payload: dict = field(default_factory=dict)  #: (op key, pick) -> nbytes
-    readers: set = field(default_factory=set)  #: names of units satisfied on arrival
-
-
-@dataclass
-class _Unit:
-    """What the replay runs on a device: a whole Dask task (graph exchange), or the start or
-    one op of a worker's task (direct exchange)."""
-
-    name: str
-    worker: int
-    seconds: float  #: kernels, per-op overhead included
-    overhead: float  #: ``per_task`` where the unit starts a Dask task, else 0
-    order: tuple  #: run order among ready units on one device (sends first, then graph order)
-    task: str  #: the Dask task it is part of
-    last: bool = True  #: it ends its task; until then no other task may start on its device
-    deps: set = field(default_factory=set)  #: names of the units it waits for
-    then: dict = field(default_factory=dict)  #: same-device dependent -> delay after its end
-    ships: dict = field(default_factory=dict)  #: (worker, delay after its end) -> _Ship
-    pending: int = 0
-
-
-def _link(src: _Unit, dst: _Unit, delay: float, ref=None) -> None:
-    """``dst`` waits for ``src``: ``delay`` after its end on one device, else for a transfer
-    that leaves ``delay`` after its end and carries ``ref``'s tile."""
-    dst.deps.add(src.name)
-    if src.worker == dst.worker:
-        src.then[dst.name] = delay
-        return
-    ship = src.ships.setdefault((dst.worker, delay), _Ship())
-    ship.readers.add(dst.name)
-    if ref is not None:
-        ship.payload[(ref.key, ref.pick)] = ref.nbytes
-
-
-def _seconds(graph, keys, cluster: ClusterSpec) -> float:
-    """Device seconds of ops ``keys`` (:func:`op_seconds`), no per-task overhead."""
-    return sum(op_seconds(graph, k, cluster.device, cluster.overhead) for k in keys)
-
-
-def _place(graph, worker: int | None, keys: list[str], unit_of: dict, units: dict) -> int:
-    """The device of the task of ops ``keys``: its worker, or where Dask runs it (where its
-    first input lives; ``unit_of`` maps op keys to the units already built)."""
-    if worker is not None:
-        return worker
-    firsts = [unit_of[r.key] for r in graph.op(keys[0]).inputs if r.key in unit_of]
-    return units[firsts[0]].worker if firsts else 0
-
-
-def _graph_units(graph, cluster: ClusterSpec, fused: bool) -> tuple[dict[str, _Unit], int]:
-    """Graph exchange: one unit per fused Dask task; every edge between tasks waits
-    ``dispatch``. Returns the units and the number of Dask tasks."""
-    groups = fuse(graph, enabled=fused)
-    unit_of = {key: name for name, _, keys in groups for key in keys}
-    units: dict[str, _Unit] = {}
-    for i, (name, worker, keys) in enumerate(groups):
-        sends = all(graph.op(k).kind == "send" for k in keys)
-        units[name] = _Unit(name, _place(graph, worker, keys, unit_of, units),
-                            _seconds(graph, keys, cluster), cluster.overhead.per_task,
-                            (not sends, i), name)
-    for name, _, keys in groups:
-        for key in keys:
-            for ref in graph.op(key).inputs:
-                src = unit_of.get(ref.key)
-                if src is not None and src != name:
-                    _link(units[src], units[name], cluster.overhead.dispatch, ref)
-    return _pending(units), len(groups)
-
-
-def _pending(units: dict[str, _Unit]) -> dict[str, _Unit]:
-    """Set every unit's count of what it still waits for; returns ``units``."""
-    for unit in units.values():
-        unit.pending = len(unit.deps)
-    return units
-
-
-def _carriers(graph, keys: list[str], mail: set[str]) -> dict[str, str]:
-    """Mail send -> the op of the same program after whose end its tile leaves: the last of
-    the run of consecutive mail sends it is in (the engine posts them in one message per
-    receiving worker, when the next op that posts nothing starts or takes a tile)."""
-    carrier: dict[str, str] = {}
-    run: list[str] = []
-    for key in [*keys, None]:
-        reads_mail = key is not None and any(p in mail for p in graph.predecessors(key))
-        if key in mail and not reads_mail:
-            run.append(key)
-            continue
-        carrier.update((k, run[-1]) for k in run)
-        run = [key] if key in mail else []
-    return carrier
-
-
-def _posting(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> float:
-    """Device seconds a worker spends posting the tiles of ``sends`` (one run of mail sends,
-    leaving as one message per receiving worker), where the devices of a node share its cores
-    (``node.flops``): the comms' CPU work (socket writes, framing) takes the cores the kernels
-    run on. One ``per_task`` per message (an actor call) plus the tiles' bytes at the link's
-    bandwidth; nothing where devices have cores of their own."""
-    if not cluster.node_flops:
-        return 0.0
-    dests: dict[int, int] = {}
-    for mail in sends:
-        for reader in graph.successors(mail):
-            dest = graph.op(reader).worker
-            dests[dest] = dests.get(dest, 0) + graph.op(mail).nbytes
-    return sum(cluster.overhead.per_task + n / cluster.link(worker, d).bandwidth
-               for d, n in dests.items())
-
-
-def _program(graph, cluster: ClusterSpec, name: str, worker: int, keys: list[str], i: int,
-             units: dict[str, _Unit], carriers: dict) -> None:
-    """Units of worker task ``name`` of a direct exchange: its start (``per_task``), then one
-    unit per op, each waiting for the one before it (the worker runs them in order)."""
-    carried: dict[str, list[str]] = {}  # carrier op -> the mail sends leaving after it
-    for mail, carrier in carriers.items():
-        carried.setdefault(carrier, []).append(mail)
-    chain = [_Unit(name, worker, 0.0, cluster.overhead.per_task, (True, i, 0), name, False)]
-    for k, key in enumerate(keys, 1):
-        chain.append(_Unit(key, worker, _seconds(graph, [key], cluster) +
-                           _posting(graph, cluster, carried.get(key, []), worker), 0.0,
-                           (True, i, k), name, k == len(keys)))
-        _link(chain[-2], chain[-1], 0.0)
-    units.update((u.name, u) for u in chain)
-
-
-def _direct_units(graph, cluster: ClusterSpec, mail: set[str]) -> tuple[dict[str, _Unit], int]:
-    """Direct exchange: each worker task as a chain of units (:func:`_program`); a mail tile
-    leaves when its carrier op ends (:func:`_carriers`) and its reader waits for it; edges
-    into or out of the other Dask tasks wait ``dispatch`` after the whole task ended.
-    Returns the units and the number of Dask tasks."""
-    groups = fuse(graph, direct=True)
-    task_of = {key: name for name, _, keys in groups for key in keys}
-    first, last, unit_of, carrier = {}, {}, {}, {}
-    units: dict[str, _Unit] = {}
-    for i, (name, owner, keys) in enumerate(groups):
-        worker = _place(graph, owner, keys, unit_of, units)
-        if owner is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
-            carriers = _carriers(graph, keys, mail)
-            _program(graph, cluster, name, worker, keys, i, units, carriers)
-            unit_of.update((k, k) for k in keys)
-            carrier.update(carriers)
-            first[name], last[name] = name, keys[-1]
-        else:
-            sends = all(graph.op(k).kind == "send" for k in keys)
-            units[name] = _Unit(name, worker, _seconds(graph, keys, cluster),
-                                cluster.overhead.per_task, (not sends, i, 0), name)
-            unit_of.update((k, name) for k in keys)
-            first[name] = last[name] = name
-    for name, _, keys in groups:
-        for key in keys:
-            for ref in graph.op(key).inputs:
-                src = task_of.get(ref.key)
-                if src is None or src == name:
-                    continue  # a placeholder, or an earlier op of the same task
-                if ref.key in mail:
-                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, ref)
-                else:
-                    _link(units[last[src]], units[first[name]], cluster.overhead.dispatch, ref)
-    return _pending(units), len(groups)
-
-
-# ----------------------------------------------------------------------------- simulation
-class _Replay:
-    """Discrete-event replay of units on devices and transfers on links.
-
-    A device runs one unit at a time; once a task's first unit started, no other task starts
-    on that device before the task's last unit ended (a worker thread runs one Dask task).
-    Devices of one node share ``cluster.node_flops``: while ``k`` of them run units, each
-    progresses at ``min(1, node_flops / (k * device.flops))`` of its own speed (processor
-    sharing), so a running unit's end moves whenever a neighbour starts or ends.
-    """
-
-    def __init__(self, units: dict[str, _Unit], cluster: ClusterSpec):
-        self.units, self.cluster = units, cluster
-        self.events: list = []  # (time, seq, kind, payload)
-        self.seq = 0
-        self.ready: dict[int, list] = {}  # device -> heap of (order, unit name)
-        self.held: dict[int, str] = {}  # device -> the task part way through on it
-        self.next: dict[int, str] = {}  # device -> the held task's unit ready to run
-        #: device -> [unit name, seconds of work left at full speed, last update, start]
-        self.running: dict[int, list] = {}
-        self.speed: dict[int, float] = {}  # node -> current speed of its busy devices
-        self.version: dict[str, int] = {}  # end events of a unit older than this are stale
-        self.link_free: dict[tuple, float] = {}
-        self.schedule: list[Slot] = []
-        self.transfers: list[Slot] = []
-
-    def push(self, time: float, kind: str, payload) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (time, self.seq, kind, payload))
-
-    def run(self) -> None:
-        for unit in self.units.values():
-            if not unit.deps:
-                self.push(0.0, "satisfy", unit.name)
-        while self.events:
-            time, _, kind, payload = heapq.heappop(self.events)
-            getattr(self, f"_on_{kind}")(time, payload)
-
-    def _on_satisfy(self, time: float, name: str) -> None:
-        unit = self.units[name]
-        unit.pending -= 1 if unit.deps else 0
-        if unit.pending <= 0:
-            if self.held.get(unit.worker) == unit.task:
-                self.next[unit.worker] = name
-            else:
-                heapq.heappush(self.ready.setdefault(unit.worker, []), (unit.order, name))
-            self._start(time, unit.worker)
-
-    def _start(self, time: float, device: int) -> None:
-        if device in self.running:
-            return
-        if device in self.held:
-            name = self.next.pop(device, None)
-        else:
-            queue = self.ready.get(device)
-            name = heapq.heappop(queue)[1] if queue else None
-        if name is None:
-            return
-        unit = self.units[name]
-        if unit.last:
-            self.held.pop(device, None)
-        else:
-            self.held[device] = unit.task
-        node = self.cluster.node_of(device)
-        self._advance(node, time)
-        self.running[device] = [name, unit.overhead + unit.seconds, time, time]
-        self._reschedule(node, time)
-
-    def _advance(self, node: int, time: float) -> None:
-        for device, run in self.running.items():
-            if self.cluster.node_of(device) == node:
-                run[1] -= (time - run[2]) * self.speed[node]
-                run[2] = time
-
-    def _reschedule(self, node: int, time: float) -> None:
-        busy = [d for d in self.running if self.cluster.node_of(d) == node]
-        limit = self.cluster.node_flops
-        self.speed[node] = (min(1.0, limit / (len(busy) * self.cluster.device.flops))
-                            if limit and busy else 1.0)
-        for device in busy:
-            name, work = self.running[device][:2]
-            self.version[name] = self.version.get(name, 0) + 1
-            self.push(time + max(work, 0.0) / self.speed[node], "end",
-                      (name, self.version[name]))
-
-    def _on_end(self, time: float, payload: tuple[str, int]) -> None:
-        name, version = payload
-        if version != self.version[name]:
-            return  # superseded: the node's speed changed while it ran
-        unit = self.units[name]
-        node = self.cluster.node_of(unit.worker)
-        self._advance(node, time)
-        start = self.running.pop(unit.worker)[3]
-        self.schedule.append(Slot(name, unit.worker, start, time))
-        self._reschedule(node, time)
-        for dep, delay in unit.then.items():
-            self.push(time + delay, "satisfy", dep)
-        for dest, delay in unit.ships:
-            self.push(time + delay, "send", (name, (dest, delay)))
-        self._start(time, unit.worker)
-
-    def _on_send(self, time: float, payload: tuple[str, tuple]) -> None:
-        name, key = payload
-        src, dest = self.units[name].worker, key[0]
-        nbytes = sum(self.units[name].ships[key].payload.values())
-        link = self.cluster.link(src, dest)
-        resources = self._resources(src, dest)
-        start = max([time, *(self.link_free.get(r, 0.0) for r in resources)])
-        done = start + nbytes / link.bandwidth
-        for r in resources:
-            self.link_free[r] = done
-        self.transfers.append(Slot(name, src, start, done + link.latency, nbytes, dest))
-        self.push(done + link.latency, "arrive", payload)
-
-    def _resources(self, src: int, dest: int) -> tuple:
-        a, b = self.cluster.node_of(src), self.cluster.node_of(dest)
-        return (("pair", src, dest),) if a == b else (("nic-out", a), ("nic-in", b))
-
-    def _on_arrive(self, time: float, payload: tuple[str, tuple]) -> None:
-        name, key = payload
-        for reader in self.units[name].ships[key].readers:
-            self._on_satisfy(time, reader)
-
-
-def _union(intervals) -> list[tuple[float, float]]:
-    merged: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(a, b) for a, b in merged]
-
-
-def _exposed(transfers: list[Slot], schedule: list[Slot]) -> float:
-    """Length of time some transfer is in flight while no device computes."""
-    moving = _union((t.start, t.end) for t in transfers)
-    computing = _union((s.start, s.end) for s in schedule)
-    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in moving for c, d in computing)
-    return sum(b - a for a, b in moving) - hidden
 
 
 def _check_exchange(exchange: str) -> None:
@@ -552,8 +235,11 @@ def simulate_graph(graph, cluster: ClusterSpec, fused: bool = True, label: str =
             f"placement {label or meta['mesh']!r} needs {n} workers; {cluster.describe()} has "
             f"{cluster.n_devices}. Use a smaller mesh (--mesh) or a larger cluster")
     mail = mail_sends(graph) if exchange == "direct" and fused else set()
-    units, n_tasks = (_direct_units(graph, cluster, mail) if mail else
-                      _graph_units(graph, cluster, fused))
+    def op_time(key: str) -> float:
+        return op_seconds(graph, key, cluster.device, cluster.overhead)
+
+    units, n_tasks = (_direct_units(graph, cluster, mail, op_time) if mail else
+                      _graph_units(graph, cluster, fused, op_time))
     replay = _Replay(units, cluster)
     replay.run()
     ends = [s.end for s in replay.schedule] + [t.end for t in replay.transfers]
