@@ -17,7 +17,7 @@ or with ``--calibrate`` on :func:`~rapydli.scheduler.cost.calibrate_local` run o
 cluster at the start of every round, so that calibration and measurement see the same load on
 this shared machine; the prediction uses the median of each calibrated number over the timed
 rounds (its YAML is printed; ``--write FILE`` saves it). Each case is predicted with the
-exchange its engine uses (``--exchange``; the engine's default is ``graph``); a 1-worker
+exchange its engine uses (``--exchange``; the engine's default is ``direct`` on 2 workers); a 1-worker
 plan sends nothing between workers, so both exchanges are one plan, simulated as ``graph``. The
 table's ``exchange`` column says which model each row used.
 
@@ -52,7 +52,9 @@ HEADER = """\
 #   time per independent task; dispatch: the extra time per dependent task (tasks holding
 #   their worker 5 ms, one chain per worker at once); links: the extra time per task when
 #   consecutive tasks alternate workers (latency) and when they pass on 4 MB (bandwidth);
-#   per_op: one no-op tile op inside a fused task.
+#   per_op: one no-op tile op inside a fused task; per_message: a task posting 200 64-byte
+#   tiles to a peer's mailbox, per tile; mail_latency: half a round trip of a 64-byte tile
+#   between tasks on the two workers, each taking from its own mailbox.
 # This is a shared 2-core VM: the numbers move with its load (re-run to refresh them).
 """
 

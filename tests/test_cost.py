@@ -18,7 +18,7 @@ from rapydli.graph.to_dask import StepPlan
 from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                     format_prediction, format_ranking, load_cluster,
                                     parse_cluster, quantity, search, simulate, simulate_graph)
-from rapydli.scheduler.replay import _posting
+from rapydli.scheduler.replay import _posting, _receiving
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -101,15 +101,16 @@ def test_cluster_errors_name_the_field(patch, match):
         parse_cluster({**RAW, **patch}, source="c.yaml")
 
 
-def test_per_message_round_trips_and_defaults_to_zero():
-    spec = parse_cluster({**RAW, "overhead": {**RAW["overhead"], "per_message": "40 us"}})
-    assert spec.overhead.per_message == pytest.approx(4e-5)
+@pytest.mark.parametrize("name", ["per_message", "mail_latency"])
+def test_direct_exchange_overheads_round_trip_and_default_to_zero(name):
+    spec = parse_cluster({**RAW, "overhead": {**RAW["overhead"], name: "40 us"}})
+    assert getattr(spec.overhead, name) == pytest.approx(4e-5)
     again = parse_cluster(yaml_round_trip(spec))
-    assert again.overhead.per_message == pytest.approx(4e-5)
+    assert getattr(again.overhead, name) == pytest.approx(4e-5)
     assert dump_cluster(again) == dump_cluster(spec)
-    assert parse_cluster(RAW).overhead.per_message == 0.0  # specs written before it existed
-    with pytest.raises(ConfigError, match=r"overhead\.per_message: expected a non-negative"):
-        Overhead(per_message=-1e-6)
+    assert getattr(parse_cluster(RAW).overhead, name) == 0.0  # specs written before it existed
+    with pytest.raises(ConfigError, match=rf"overhead\.{name}: expected a non-negative"):
+        Overhead(**{name: -1e-6})
 
 
 def test_cluster_file_errors(tmp_path):
@@ -338,6 +339,34 @@ def test_posting_charges_per_message_not_per_task():
     assert step[0.75, 0.25] - step[0.5, 0.25] == pytest.approx(0.25)
 
 
+def test_direct_tiles_take_the_mailbox_trip_and_cost_the_reader_their_bytes():
+    """A posted tile arrives ``mail_latency`` (not the link's latency) after its bytes; across
+    nodes the inter-node link's extra latency is added. Where devices share a node's cores,
+    the reader's device pays the tile's bytes at link bandwidth when it takes it."""
+    g = overlap_graph(2000)
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, per_task=0.5,
+                   mail_latency=0.25)
+    p = simulate_graph(g, spec, exchange="direct")
+    (t,) = p.transfers
+    assert (t.start, t.end) == (1.5, pytest.approx(1.5 + 20 + 0.25))
+    assert {s.name: s.end for s in p.schedule}["c"] == pytest.approx(21.75 + 1)
+    two_nodes = cluster(devices=1, nodes=2, flops=1e3, bandwidth=100.0, latency=1.0,
+                        inter=Link(100.0, 3.0), per_task=0.5, mail_latency=0.25)
+    (t,) = simulate_graph(g, two_nodes, exchange="direct").transfers
+    assert t.end == pytest.approx(1.5 + 20 + 0.25 + (3.0 - 1.0))
+    assert simulate_graph(g, spec, exchange="graph") == \
+        simulate_graph(g, dataclasses.replace(spec, overhead=Overhead(per_task=0.5)),
+                       exchange="graph"), "the graph exchange's transfers keep the link latency"
+    shared = dataclasses.replace(spec, node_flops=2e3)  # room for both devices at full speed
+    p = simulate_graph(g, shared, exchange="direct")
+    slots = {s.name: (s.start, s.end) for s in p.schedule}
+    # worker 0 pays posting (2000 B / 100 B/s) after a; c pays taking them, besides its 1 s
+    assert slots["c"][1] - slots["c"][0] == pytest.approx(1 + 20)
+    assert _receiving(g, shared, "c", {"s"}, set(), 1) == pytest.approx(20)
+    assert _receiving(g, spec, "c", {"s"}, set(), 1) == 0.0  # devices with their own cores
+    assert _receiving(g, shared, "c", {"s"}, {"s"}, 1) == 0.0  # taken once
+
+
 def test_direct_worker_task_holds_its_device():
     """Another task ready on a worker waits until the worker task there ended, even while that
     task only waits for a tile (one Dask thread per worker runs one task at a time)."""
@@ -417,4 +446,5 @@ def test_calibrate_local_measures_this_machine():
     assert spec.n_devices == 2 and spec.device.flops > 1e8
     assert spec.overhead.dispatch > 0 and spec.intra_node.bandwidth > 0
     assert 0 < spec.overhead.per_message < 0.1  # seconds per 64 B actor call
+    assert 0 < spec.overhead.mail_latency < 0.1  # half a round trip of a 64 B tile
     assert dump_cluster(parse_cluster(yaml_round_trip(spec))) == dump_cluster(spec)

@@ -189,6 +189,43 @@ def _measure_message(client, workers: list[str], repeats: int, n: int = 200,
     return float(np.median(runs[1:]))  # first run: warm-up (the actor proxy, imports)
 
 
+def _ping(boxes: tuple, me: int, n: int) -> float:
+    """In a task on mesh worker ``me`` (0 or 1): ``n`` round trips of a 64-byte tile through
+    the mailboxes ``boxes``, worker 0 posting first; seconds per round trip."""
+    from rapydli.scheduler.mailbox import Exchange
+
+    tile = np.ones(16, np.float32)
+    start = time.perf_counter()
+    for i in range(n):
+        exchange = Exchange(f"ping-{i}", me, boxes)
+        if me == 0:
+            exchange.post("ping", tile, (1,))
+            exchange.take("pong")
+        else:
+            exchange.take("ping")
+            exchange.post("pong", tile, (0,))
+            exchange.flush()
+    return (time.perf_counter() - start) / n
+
+
+def _measure_mail_latency(client, workers: list[str], repeats: int, n: int = 50) -> float:
+    """``mail_latency``: half a round trip of a small tile between tasks on ``workers[0]`` and
+    ``workers[1]``, each taking from its own mailbox what the other posted (median over
+    ``repeats`` runs after a warm-up)."""
+    import uuid
+
+    from rapydli.scheduler.mailbox import close_mailboxes, start_mailboxes
+
+    futures, boxes = start_mailboxes(client, workers[:2], f"ping-{uuid.uuid4().hex[:8]}")
+    try:
+        runs = [max(client.gather([client.submit(_ping, boxes, me, n, pure=False,
+                                                 workers=[workers[me]]) for me in (0, 1)]))
+                for _ in range(repeats + 1)]
+    finally:
+        close_mailboxes(futures)
+    return float(np.median(runs[1:])) / 2
+
+
 def step_rate(seconds: float = 1.5, n_layers: int = 6) -> float:
     """FLOP/s of step-like work for ``seconds``: forward and backward of ``n_layers`` distinct
     1024-unit ReLU dense layers in turn at batch 128, on a fresh copy of the input each time.
@@ -226,7 +263,9 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
     pass on 4 MB) are measured with one chain per worker running at once, as a multi-worker
     step keeps every worker busy, each task holding its worker 5 ms as step tasks compute for
     milliseconds. ``per_message`` is a task's wall time posting 200 messages of 64 B, one at a
-    time, to a mailbox on another worker, per message (:func:`_measure_message`).
+    time, to a mailbox on another worker, per message (:func:`_measure_message`); ``mail_latency``
+    is half a round trip of a small tile between tasks on two workers, each taking from its
+    own mailbox (:func:`_measure_mail_latency`).
     ``per_step`` is what steps of a network too small to compute take through the engine,
     one at a time, beyond the simulator's makespan of them (:func:`_per_step`).
     Memory is each worker's Dask memory limit.
@@ -250,6 +289,7 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
                                   for w in workers])  # every worker at once, as steps run
         dask_costs = _measure_dask(client, workers, repeats)
         per_message = _measure_message(client, workers, repeats)
+        mail_latency = _measure_mail_latency(client, workers, repeats)
         memory = float(info[workers[0]].get("memory_limit") or 0) or 1e9
         link = Link(dask_costs["bandwidth"], dask_costs["latency"])
         spec = ClusterSpec(
@@ -257,7 +297,7 @@ def calibrate_local(n_workers: int = 2, repeats: int = 7, client=None) -> Cluste
             Device(device["flops"], memory, device["memory_bandwidth"],
                    tuple(sorted(device["kernel_efficiency"].items())), "cpu"), link, link,
             Overhead(device["per_op"], dask_costs["per_task"], dask_costs["dispatch"], 0.0,
-                     per_message),
+                     per_message, mail_latency),
             node_flops=device["flops"] * min(len(workers), sum(together) / alone))
         per_step = _per_step(client, spec, repeats)
     finally:

@@ -119,6 +119,10 @@ class Overhead:
     #: device time a worker spends posting one message of the direct exchange (an actor call
     #: to a peer's mailbox), besides its bytes; 0 in specs that predate it (calibration fills it)
     per_message: float = 0.0
+    #: from a direct-exchange message's departure until its reader may take it, besides its
+    #: bytes: an actor call's one-way trip between two workers of a node (across nodes the
+    #: inter-node link's extra latency is added); 0: the link's latency, as a Dask transfer
+    mail_latency: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

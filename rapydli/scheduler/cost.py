@@ -40,10 +40,14 @@ only by outputs and the outputs themselves. The replay then differs in this:
   0 where a spec does not set it, as in specs written before it existed:
   :func:`calibrate_local` measures it) plus the bytes at the link's bandwidth (the comms'
   socket writes run on the kernels' cores; measured on this machine, each worker's event loop
-  spent 19-21 ms of CPU per data-parallel MLP step moving 7.4 MB);
+  spent 19-21 ms of CPU per data-parallel MLP step moving 7.4 MB), and taking them costs the
+  reader's device their bytes at the link's bandwidth once (its event loop reads them);
 - a tile read by another worker leaves when its send op ends, with no dispatch; consecutive
   sends of a program travel together, one transfer per receiving worker, when the last of them
-  ends (the engine posts them in one message). Links are shared as above;
+  ends (the engine posts them in one message), and arrive after their bytes at the link's
+  bandwidth plus ``overhead.mail_latency`` (a mailbox's one-way trip, far shorter than a Dask
+  transfer's; across nodes plus the inter-node link's extra latency; 0: the link's latency).
+  Links are shared as above;
 - the other Dask tasks start ``overhead.dispatch`` after the worker task they read ended as a
   whole (their inputs then travel as in the graph exchange).
 

@@ -43,6 +43,7 @@ class _Ship:
 
     payload: dict = field(default_factory=dict)  #: (op key, pick) -> nbytes
     readers: set = field(default_factory=set)  #: names of units satisfied on arrival
+    mail: bool = False  #: a direct exchange's message (actor call), not a Dask transfer
 
 
 @dataclass
@@ -63,14 +64,16 @@ class _Unit:
     pending: int = 0
 
 
-def _link(src: _Unit, dst: _Unit, delay: float, ref=None) -> None:
+def _link(src: _Unit, dst: _Unit, delay: float, ref=None, mail: bool = False) -> None:
     """``dst`` waits for ``src``: ``delay`` after its end on one device, else for a transfer
-    that leaves ``delay`` after its end and carries ``ref``'s tile."""
+    that leaves ``delay`` after its end and carries ``ref``'s tile (``mail``: posted to the
+    reader's mailbox)."""
     dst.deps.add(src.name)
     if src.worker == dst.worker:
         src.then[dst.name] = delay
         return
     ship = src.ships.setdefault((dst.worker, delay), _Ship())
+    ship.mail = ship.mail or mail
     ship.readers.add(dst.name)
     if ref is not None:
         ship.payload[(ref.key, ref.pick)] = ref.nbytes
@@ -152,17 +155,35 @@ def _posting(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> floa
                for d, n in dests.items())
 
 
+def _receiving(graph, cluster: ClusterSpec, key: str, mail: set[str], taken: set[str],
+               worker: int) -> float:
+    """Device seconds op ``key`` adds for the posted tiles it is the first to take (their
+    bytes at the link's bandwidth: the worker's event loop reads them off the socket), where
+    the devices of a node share its cores; nothing where devices have cores of their own."""
+    seconds = 0.0
+    for ref in graph.op(key).inputs:
+        if ref.key in mail and ref.key not in taken:
+            taken.add(ref.key)
+            if cluster.node_flops:
+                src = graph.op(ref.key).worker
+                seconds += graph.op(ref.key).nbytes / cluster.link(src, worker).bandwidth
+    return seconds
+
+
 def _program(graph, cluster: ClusterSpec, op_time: OpTime, name: str, worker: int,
-             keys: list[str], i: int, units: dict[str, _Unit], carriers: dict) -> None:
+             keys: list[str], i: int, units: dict[str, _Unit], carriers: dict,
+             mail: set[str]) -> None:
     """Units of worker task ``name`` of a direct exchange: its start (``per_task``), then one
     unit per op, each waiting for the one before it (the worker runs them in order)."""
     carried: dict[str, list[str]] = {}  # carrier op -> the mail sends leaving after it
-    for mail, carrier in carriers.items():
-        carried.setdefault(carrier, []).append(mail)
+    for send, carrier in carriers.items():
+        carried.setdefault(carrier, []).append(send)
+    taken: set[str] = set()
     chain = [_Unit(name, worker, 0.0, cluster.overhead.per_task, (True, i, 0), name, False)]
     for k, key in enumerate(keys, 1):
         chain.append(_Unit(key, worker, _seconds([key], op_time) +
-                           _posting(graph, cluster, carried.get(key, []), worker), 0.0,
+                           _posting(graph, cluster, carried.get(key, []), worker) +
+                           _receiving(graph, cluster, key, mail, taken, worker), 0.0,
                            (True, i, k), name, k == len(keys)))
         _link(chain[-2], chain[-1], 0.0)
     units.update((u.name, u) for u in chain)
@@ -182,7 +203,7 @@ def _direct_units(graph, cluster: ClusterSpec, mail: set[str],
         worker = _place(graph, owner, keys, unit_of, units)
         if owner is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
             carriers = _carriers(graph, keys, mail)
-            _program(graph, cluster, op_time, name, worker, keys, i, units, carriers)
+            _program(graph, cluster, op_time, name, worker, keys, i, units, carriers, mail)
             unit_of.update((k, k) for k in keys)
             carrier.update(carriers)
             first[name], last[name] = name, keys[-1]
@@ -199,7 +220,7 @@ def _direct_units(graph, cluster: ClusterSpec, mail: set[str],
                 if src is None or src == name:
                     continue  # a placeholder, or an earlier op of the same task
                 if ref.key in mail:
-                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, ref)
+                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, ref, mail=True)
                 else:
                     _link(units[last[src]], units[first[name]], cluster.overhead.dispatch, ref)
     return _pending(units), len(groups)
@@ -311,13 +332,20 @@ class _Replay:
         src, dest = self.units[name].worker, key[0]
         nbytes = sum(self.units[name].ships[key].payload.values())
         link = self.cluster.link(src, dest)
+        latency = link.latency
+        if self.units[name].ships[key].mail and self.cluster.overhead.mail_latency:
+            # a mailbox's one-way trip replaces the software part of the link's latency (what
+            # a Dask transfer costs between two workers of one node); across nodes the wire's
+            # extra latency remains
+            latency = self.cluster.overhead.mail_latency + max(
+                0.0, link.latency - self.cluster.intra_node.latency)
         resources = self._resources(src, dest)
         start = max([time, *(self.link_free.get(r, 0.0) for r in resources)])
         done = start + nbytes / link.bandwidth
         for r in resources:
             self.link_free[r] = done
-        self.transfers.append(Slot(name, src, start, done + link.latency, nbytes, dest))
-        self.push(done + link.latency, "arrive", payload)
+        self.transfers.append(Slot(name, src, start, done + latency, nbytes, dest))
+        self.push(done + latency, "arrive", payload)
 
     def _resources(self, src: int, dest: int) -> tuple:
         a, b = self.cluster.node_of(src), self.cluster.node_of(dest)
