@@ -25,8 +25,8 @@ the other) and replays the tasks as a discrete-event simulation
   ``bytes / bandwidth`` (latency is in flight, not occupancy). Waiting transfers go first come,
   first served; ready tasks go by Dask's order (sends first, then graph order).
 
-That is the ``"graph"`` exchange. In the ``"direct"`` exchange (``exchange="direct"``, opt-in
-as in the engine; see
+That is the ``"graph"`` exchange. In the ``"direct"`` exchange (``exchange="direct"``, the
+default of :func:`simulate` as of the engine on a cluster; see
 :mod:`rapydli.scheduler.mailbox`) the Dask tasks are those of ``fuse(graph, direct=True)``: one
 per worker holding all its ops, in :func:`~rapydli.graph.fuse.mail_order`, plus the sends read
 only by outputs and the outputs themselves. The replay then differs in this:
@@ -277,7 +277,7 @@ def placement_label(placement) -> str:
 
 
 def simulate(network, placement, batch: int, cluster: ClusterSpec, optimizer=None,
-             dtype="float32", fused: bool = True, exchange: str = "graph") -> Prediction:
+             dtype="float32", fused: bool = True, exchange: str = "direct") -> Prediction:
     """Predict one training step of ``network`` under ``placement`` on ``cluster``.
 
     Parameters
@@ -353,7 +353,7 @@ def candidate_placements(network, n_devices: int, presets=None) -> list:
 
 
 def search(network, batch: int, cluster: ClusterSpec, optimizer=None, dtype="float32",
-           presets=None, fused: bool = True, exchange: str = "graph") -> list[Prediction]:
+           presets=None, fused: bool = True, exchange: str = "direct") -> list[Prediction]:
     """Predictions for every candidate placement, fastest fitting first, non-fitting last.
 
     Candidates are the presets (``single``, ``data_parallel``, ``model_parallel``,

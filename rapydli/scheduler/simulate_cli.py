@@ -26,9 +26,10 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                      help="rank every preset over the mesh shapes that fit the cluster")
     sim.add_argument("--top", type=int, default=0, metavar="K",
                      help="with --search, show only the K best (default: all)")
-    sim.add_argument("--exchange", choices=("direct", "graph"), default="graph",
+    sim.add_argument("--exchange", choices=("direct", "graph"), default="direct",
                      help="how tiles travel between workers (as Engine(exchange=...)); "
-                          "'graph' is the engine's default")
+                          "'direct' is the engine's default on a cluster (one worker or "
+                          "--unfused: graph)")
     sim.add_argument("--unfused", action="store_true",
                      help="simulate one Dask task per tile op (as Engine(fused=False))")
     sim.set_defaults(func=cmd_simulate)
