@@ -20,8 +20,8 @@ from rapydli.graph.lower import lower
 from rapydli.graph.to_dask import StepPlan
 from rapydli.graph.unroll import unroll
 from rapydli.scheduler.engine import Engine
-from rapydli.scheduler.mailbox import (Exchange, ExchangeError, Mailbox, close_mailboxes,
-                                       start_mailboxes)
+from rapydli.scheduler.mailbox import (FAILED, Exchange, ExchangeError, Mailbox,
+                                       close_mailboxes, start_mailboxes)
 
 from test_equivalence import PLACEMENTS, assert_same_as_single, cnn, data, mlp
 
@@ -236,6 +236,10 @@ def test_a_peer_task_failing_mid_step_fails_the_step(client):
     # worker 0 heard of it and stopped waiting for worker 1's gradients: it is free now
     client.submit(int, 1, workers=[engine.workers[0]], pure=False).result(timeout=20)
     assert time.monotonic() - start < 30
+    # neither mailbox (in this process: the cluster's workers are threads) keeps the failed
+    # step's tiles: the failing task dropped its own, the notice dropped its peer's
+    boxes = [b for name, b in Mailbox._here.items() if engine._token in name]
+    assert len(boxes) == 2 and not [k for b in boxes for k in b.items if k[1] != FAILED]
     engine.close()
 
 
@@ -334,3 +338,21 @@ def test_engines_sharing_workers_wait_on_no_cycle(client):
 
     assert not any(e._token in str(f.key) for f in engine_module._LAST_DIRECT.values()
                    for e in engines), "a closed engine's task is still held for the next one"
+
+
+def test_a_failed_step_leaves_no_tiles_behind():
+    """Tiles of a step that failed are dropped, also those still arriving, so a long run with
+    failed steps holds no memory for them; other steps' tiles are kept."""
+    import asyncio
+
+    box = Mailbox(f"purge-{time.monotonic_ns()}")
+    tile = np.ones(4, np.float32)
+    asyncio.run(box.put([(("s1", "a"), tile), (("s2", "a"), tile)]))
+    asyncio.run(box.put([(("s1", FAILED), "mesh worker 1 failed: boom")]))
+    asyncio.run(box.put([(("s1", "b"), tile)]))  # late, after the failure
+    assert set(box.items) == {("s1", FAILED), ("s2", "a")}
+    with pytest.raises(ExchangeError, match="boom"):
+        box.take(("s1", "b"), timeout=1)
+    box.forget("s2")  # this worker's own task failed on s2
+    assert set(box.items) == {("s1", FAILED)}
+    box.close()

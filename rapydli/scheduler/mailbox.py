@@ -53,6 +53,8 @@ class Mailbox:
         self.items: dict[tuple[str, str], object] = {}
         #: set by :meth:`close`: why no tile will come any more
         self.closed: str | None = None
+        #: steps a peer reported failed: their tiles are dropped, now and as they arrive
+        self.failed: set[str] = set()
         self._cond = threading.Condition()
         Mailbox._here[name] = self
 
@@ -68,8 +70,23 @@ class Mailbox:
         """Store tiles ``[(key, value), ...]`` (run on this worker's event loop, as they arrive;
         one call carries every tile a peer had ready for this worker at once)."""
         with self._cond:
-            self.items.update(items)
+            for key, value in items:
+                if key[1] == FAILED:
+                    self._forget(key[0])
+                elif key[0] in self.failed:
+                    continue  # nothing of a failed step will be taken: hold none of it
+                self.items[key] = value
             self._cond.notify_all()
+
+    def forget(self, step: str) -> None:
+        """``step`` failed on this worker: drop its tiles, now and as they arrive."""
+        with self._cond:
+            self._forget(step)
+
+    def _forget(self, step: str) -> None:
+        self.failed.add(step)
+        for key in [k for k in self.items if k[0] == step and k[1] != FAILED]:
+            del self.items[key]  # a failure notice stays, for takes still to come
 
     def take(self, key: tuple[str, str], timeout: float = TAKE_TIMEOUT):
         """Wait for the tile ``key``, remove it and return it (in aligned memory)."""
@@ -102,17 +119,18 @@ class Mailbox:
         Mailbox._here.pop(self.name, None)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Exchange:
     """What one fused task needs to post and take tiles: its step, its mesh worker, the
-    mailboxes ``(worker address, actor key, name)`` of every mesh worker."""
+    mailboxes ``(worker address, actor key, name)`` of every mesh worker; and, while the task
+    runs, the tiles it queued (outbox) and the posts not yet known delivered."""
 
     step: str
     me: int
     boxes: tuple[tuple[str, str, str], ...]
     timeout: float = TAKE_TIMEOUT
-    _posted: list = field(default_factory=list, compare=False, repr=False)
-    _outbox: dict = field(default_factory=dict, compare=False, repr=False)
+    _posted: list = field(default_factory=list, init=False, compare=False, repr=False)
+    _outbox: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def post(self, key: str, value, dests: tuple[int, ...]) -> None:
         """Queue ``value`` (op ``key``'s output) for the mailboxes of mesh workers ``dests``."""
@@ -142,6 +160,9 @@ class Exchange:
     def fail(self, error: BaseException) -> None:
         """Tell every peer that this task failed, so none waits for its tiles."""
         message = f"mesh worker {self.me} failed: {type(error).__name__}: {error}"[:2000]
+        mine = Mailbox._here.get(self.boxes[self.me][2]) if self.me >= 0 else None
+        if mine is not None:
+            mine.forget(self.step)
         for dest in range(len(self.boxes)):
             if dest != self.me:
                 try:
