@@ -356,3 +356,24 @@ def test_a_failed_step_leaves_no_tiles_behind():
     box.forget("s2")  # this worker's own task failed on s2
     assert set(box.items) == {("s1", FAILED)}
     box.close()
+
+
+def test_a_cancelled_task_of_another_engine_does_not_fail_the_next_step(client):
+    """The shared chain skips a task that was cancelled (or failed): another engine's step
+    waits for it no longer, instead of failing with it."""
+    from rapydli.scheduler import engine as engine_module
+
+    net = _mlp()
+    x, y = np.zeros((8, 12), np.float32), np.zeros(8, np.int64)
+    first, second = (Engine(net, rd.data_parallel(2), OPTIMIZER, client) for _ in range(2))
+    for engine in (first, second):
+        engine.set_params(net.init(0))
+        engine.set_data("train", x, y)
+    first.value(first.run("train", np.arange(8))["metrics"])
+    held = [f for f in engine_module._LAST_DIRECT.values() if first._token in str(f.key)]
+    assert len(held) == 2  # one per worker of the mesh
+    client.cancel(held)
+    metrics = second.value(second.run("train", np.arange(8))["metrics"])
+    assert np.all(np.isfinite(np.asarray(metrics, dtype=float)))
+    first.close()
+    second.close()

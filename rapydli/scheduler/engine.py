@@ -256,8 +256,10 @@ class Engine:
             keys = wanted + sorted(set(mail) - set(wanted))
             chain = [(self.client.id, address) for address in self.workers]
             with _DIRECT_LOCK:
+                # a failed or cancelled task is no order to keep: depending on it would fail
                 after = {w: _LAST_DIRECT[link] for w, link in enumerate(chain)
-                         if link in _LAST_DIRECT and _LAST_DIRECT[link].status != "error"}
+                         if getattr(_LAST_DIRECT.get(link), "status", None) in ("pending",
+                                                                                "finished")}
                 graph = plan.instantiate(step, bindings, self.workers,
                                          self._exchange_for(step), after)
                 values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
