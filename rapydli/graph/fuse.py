@@ -87,17 +87,28 @@ def mail_order(graph, mail: set[str]) -> list[str]:
 
     Among the ops ready at a time, mail sends go first (the tile leaves as soon as it exists,
     so its transfer overlaps what the sender computes next) and ops that read mail go last
-    (a worker computes all it can before it waits). Every worker following the same order is
-    what makes the exchange deadlock-free.
+    (a worker computes all it can before it waits); among those, the one whose tiles were
+    posted earliest goes first (in data parallel: the last layer's gradient sum and update
+    run while the first layer's gradients, computed last, are still on their way). Every
+    worker following the same order is what makes the exchange deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}
-    reads_mail = {key for key in graph.nodes if any(p in mail for p in graph.predecessors(key))}
+    reads_mail = {key: [p for p in graph.predecessors(key) if p in mail] for key in graph.nodes}
+    reads_mail = {key: sends for key, sends in reads_mail.items() if sends}
 
-    def rank(key):
-        return (0 if key in mail else 2 if key in reads_mail else 1, index[key])
+    def order(posted: dict[str, int]) -> list[str]:
+        def rank(key):
+            if key in mail:
+                return (0, 0, index[key])
+            if key in reads_mail:
+                return (2, max(posted.get(p, 0) for p in reads_mail[key]), index[key])
+            return (1, 0, index[key])
 
-    return [k for k in nx.lexicographical_topological_sort(graph, key=rank)
-            if graph.op(k).kind != "placeholder"]
+        return list(nx.lexicographical_topological_sort(graph, key=rank))
+
+    first = order({})  # where each tile is posted, readers aside
+    posted = {key: i for i, key in enumerate(first) if key in mail}
+    return [k for k in order(posted) if graph.op(k).kind != "placeholder"]
 
 
 def fuse(graph, enabled: bool = True,
