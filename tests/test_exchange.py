@@ -331,7 +331,8 @@ def test_engines_sharing_workers_wait_on_no_cycle(client):
     wait([b.value for _, b in bounds], timeout=60)  # TimeoutError: some never finished
     first = [e.value(b) for e, b in bounds if e is engines[0]]
     second = [e.value(b) for e, b in bounds if e is engines[1]]
-    assert first == pytest.approx(second)  # the same network and weights, placed otherwise
+    # the same network and weights, placed otherwise: (loss, n_correct) per batch agree
+    np.testing.assert_allclose(np.asarray(first, float), np.asarray(second, float), rtol=1e-9)
     for engine in engines:
         engine.close()
     from rapydli.scheduler import engine as engine_module
