@@ -58,17 +58,24 @@ def side_by_side(engines, indices, sizes) -> float:
     """Seconds until every engine has run ``indices``, all started together, one client
     thread each (the slowest one decides, as the slowest worker does in data parallel)."""
     seconds = [0.0] * len(engines)
+    errors: list[BaseException] = []
     start = threading.Barrier(len(engines))
 
     def run(i):
-        start.wait()
-        seconds[i] = C.run_steps(engines[i], indices, steps_per_task=sizes[i])
+        try:
+            start.wait()
+            seconds[i] = C.run_steps(engines[i], indices, steps_per_task=sizes[i])
+        except BaseException as error:  # re-raised below: no figure from a failed run
+            errors.append(error)
+            start.abort()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(engines))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return max(seconds)
 
 

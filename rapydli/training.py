@@ -54,17 +54,16 @@ def value_and_grad(network, params, x, y, placement=None, client=None, dtype=Non
     """
     dtype = _dtype_of(params, dtype)
     with _client_for(placement, client) as c:
-        engine = Engine(network, placement, None, c, dtype, fused)
-        engine.set_params(params)
-        engine.set_data("batch", x, y)
-        out = engine.run("grad", np.arange(len(x)), "batch")
-        loss, _ = engine.value(out["metrics"])
-        grads = {}
-        for name, tiles in out["grads"].items():
-            full = grads.setdefault(name, np.zeros(np.shape(params[name]), dtype))
-            for region, bound in tiles:
-                full[relative(region, ((0, n) for n in full.shape))] = engine.value(bound)
-        engine.close()
+        with Engine(network, placement, None, c, dtype, fused) as engine:
+            engine.set_params(params)
+            engine.set_data("batch", x, y)
+            out = engine.run("grad", np.arange(len(x)), "batch")
+            loss, _ = engine.value(out["metrics"])
+            grads = {}
+            for name, tiles in out["grads"].items():
+                full = grads.setdefault(name, np.zeros(np.shape(params[name]), dtype))
+                for region, bound in tiles:
+                    full[relative(region, ((0, n) for n in full.shape))] = engine.value(bound)
     return loss, grads
 
 
@@ -134,13 +133,13 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
         trainer.bar = _progress(progress, remaining)
         try:
             trainer.run(epochs)
-        finally:
+            history = History(trainer.rows, trainer.engine.get_params(),
+                              trainer.engine.get_opt_state(), trainer.events,
+                              source.report.to_dict() if source.report is not None else None)
+        finally:  # also after an error: no task of it is left waiting on the workers
             if trainer.bar is not None:
                 trainer.bar.close()
-        history = History(trainer.rows, trainer.engine.get_params(),
-                          trainer.engine.get_opt_state(), trainer.events,
-                          source.report.to_dict() if source.report is not None else None)
-        trainer.engine.close()
+            trainer.engine.close()
     return history
 
 
@@ -157,11 +156,10 @@ def evaluate(network, params, x, y, *, placement=None, client=None, batch_size: 
     """Mean loss and accuracy of ``network`` at ``params`` on ``(x, y)``."""
     dtype = _dtype_of(params, dtype)
     with _client_for(placement, client) as c:
-        engine = Engine(network, placement, None, c, dtype)
-        engine.set_params(params)
-        engine.set_data("eval", x, y)
-        result = evaluate_engine(engine, "eval", len(x), batch_size)
-        engine.close()
+        with Engine(network, placement, None, c, dtype) as engine:
+            engine.set_params(params)
+            engine.set_data("eval", x, y)
+            result = evaluate_engine(engine, "eval", len(x), batch_size)
     return result
 
 
@@ -171,14 +169,13 @@ def predict(network, params, x, *, placement=None, client=None, batch_size: int 
     dtype = _dtype_of(params, dtype)
     out = np.zeros((len(x), *network.output_shape), dtype)
     with _client_for(placement, client) as c:
-        engine = Engine(network, placement, None, c, dtype)
-        engine.set_params(params)
-        engine.set_data("predict", x)
-        for start in range(0, len(x), batch_size):
-            index = np.arange(start, min(start + batch_size, len(x)))
-            for region, bound in engine.run("predict", index, "predict")["predictions"]:
-                (b0, b1), *rest = region
-                out[(slice(start + b0, start + b1), *(slice(a, b) for a, b in rest))] = \
-                    engine.value(bound)
-        engine.close()
+        with Engine(network, placement, None, c, dtype) as engine:
+            engine.set_params(params)
+            engine.set_data("predict", x)
+            for start in range(0, len(x), batch_size):
+                index = np.arange(start, min(start + batch_size, len(x)))
+                for region, bound in engine.run("predict", index, "predict")["predictions"]:
+                    (b0, b1), *rest = region
+                    out[(slice(start + b0, start + b1), *(slice(a, b) for a, b in rest))] = \
+                        engine.value(bound)
     return out

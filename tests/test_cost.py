@@ -18,7 +18,7 @@ from rapydli.graph.to_dask import StepPlan
 from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                     format_prediction, format_ranking, load_cluster,
                                     parse_cluster, quantity, search, simulate, simulate_graph)
-from rapydli.scheduler.replay import _posting, _receiving
+from rapydli.scheduler.replay import posting_time, receiving_time
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -326,9 +326,9 @@ def test_posting_charges_per_message_not_per_task():
     def spec(**overhead):
         return dataclasses.replace(base, overhead=Overhead(**overhead))
 
-    assert _posting(g, spec(per_message=0.25, per_task=7.0), ["s"], 0) == \
+    assert posting_time(g, spec(per_message=0.25, per_task=7.0), ["s"], 0) == \
         pytest.approx(0.25 + 400 / 100.0)
-    assert _posting(g, spec(per_task=7.0), ["s"], 0) == pytest.approx(400 / 100.0)
+    assert posting_time(g, spec(per_task=7.0), ["s"], 0) == pytest.approx(400 / 100.0)
     step = {(task, message): simulate_graph(g, spec(per_task=task, per_message=message),
                                             exchange="direct").step_time
             for task in (0.5, 0.75) for message in (0.0, 0.25)}
@@ -362,9 +362,9 @@ def test_direct_tiles_take_the_mailbox_trip_and_cost_the_reader_their_bytes():
     slots = {s.name: (s.start, s.end) for s in p.schedule}
     # worker 0 pays posting (2000 B / 100 B/s) after a; c pays taking them, besides its 1 s
     assert slots["c"][1] - slots["c"][0] == pytest.approx(1 + 20)
-    assert _receiving(g, shared, "c", {"s"}, set(), 1) == pytest.approx(20)
-    assert _receiving(g, spec, "c", {"s"}, set(), 1) == 0.0  # devices with their own cores
-    assert _receiving(g, shared, "c", {"s"}, {"s"}, 1) == 0.0  # taken once
+    assert receiving_time(g, shared, "c", {"s"}, set(), 1) == pytest.approx(20)
+    assert receiving_time(g, spec, "c", {"s"}, set(), 1) == 0.0  # devices with their own cores
+    assert receiving_time(g, shared, "c", {"s"}, {"s"}, 1) == 0.0  # taken once
 
 
 def test_direct_worker_task_holds_its_device():

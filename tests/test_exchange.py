@@ -59,6 +59,20 @@ def test_a_one_worker_plan_has_no_mail():
     assert not plan.mail and plan.n_tasks == StepPlan(graph).n_tasks
 
 
+def test_the_earliest_posted_gradients_are_summed_first():
+    """Among ops that read posted tiles, the one whose tiles left earliest runs first: the
+    last layer's gradients (computed first) are summed and applied while the first layer's
+    are still on their way; the order is the same however often it is computed."""
+    graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
+    mail = mail_sends(graph)
+    order = mail_order(graph, mail)
+    sums = [k.split(".")[0] for k in order if graph.op(k).kind == "reduce"
+            and graph.op(k).worker == 0 and ".weight/" in k]
+    assert sums == ["2", "1", "0"]
+    assert mail_order(lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER),
+                      mail) == order
+
+
 def test_gradients_leave_before_the_first_layer_computes_its_own():
     """Mail sends run as soon as their tile exists: the last layers' gradients are on their
     way while the first layer's backward still computes (the transfer overlaps it)."""
@@ -326,24 +340,26 @@ def test_engines_sharing_workers_wait_on_no_cycle(client):
         engine.set_params(net.init(0))
         engine.set_data("test", x, y)
         engines.append(engine)
-    bounds = [(e, e.run("eval", np.arange(i, i + 6), "test")["metrics"])
-              for i in range(0, 48, 6) for e in (engines if i % 12 else engines[::-1])]
-    wait([b.value for _, b in bounds], timeout=60)  # TimeoutError: some never finished
-    first = [e.value(b) for e, b in bounds if e is engines[0]]
-    second = [e.value(b) for e, b in bounds if e is engines[1]]
+    try:
+        bounds = [(e, e.run("eval", np.arange(i, i + 6), "test")["metrics"])
+                  for i in range(0, 48, 6) for e in (engines if i % 12 else engines[::-1])]
+        wait([b.value for _, b in bounds], timeout=60)  # TimeoutError: some never finished
+        first = [e.value(b) for e, b in bounds if e is engines[0]]
+        second = [e.value(b) for e, b in bounds if e is engines[1]]
+    finally:  # a stuck take must not hold the shared cluster's threads for later tests
+        for engine in engines:
+            engine.close()
     # the same network and weights, placed otherwise: (loss, n_correct) per batch agree
     np.testing.assert_allclose(np.asarray(first, float), np.asarray(second, float), rtol=1e-9)
-    for engine in engines:
-        engine.close()
     from rapydli.scheduler import engine as engine_module
 
-    assert not any(e._token in str(f.key) for f in engine_module._LAST_DIRECT.values()
+    assert not any(token == e._token for token, _ in engine_module._LAST_DIRECT.values()
                    for e in engines), "a closed engine's task is still held for the next one"
 
 
 def test_a_failed_step_leaves_no_tiles_behind():
-    """Tiles of a step that failed are dropped, also those still arriving, so a long run with
-    failed steps holds no memory for them; other steps' tiles are kept."""
+    """Tiles of a step that failed are dropped, also those still arriving (only the failure
+    notices stay); other steps' tiles are kept."""
     import asyncio
 
     box = Mailbox(f"purge-{time.monotonic_ns()}")
@@ -356,6 +372,8 @@ def test_a_failed_step_leaves_no_tiles_behind():
         box.take(("s1", "b"), timeout=1)
     box.forget("s2")  # this worker's own task failed on s2
     assert set(box.items) == {("s1", FAILED)}
+    with pytest.raises(ExchangeError, match="step s2 failed on this worker"):
+        box.take(("s2", "b"), timeout=1)
     box.close()
 
 
@@ -371,10 +389,39 @@ def test_a_cancelled_task_of_another_engine_does_not_fail_the_next_step(client):
         engine.set_params(net.init(0))
         engine.set_data("train", x, y)
     first.value(first.run("train", np.arange(8))["metrics"])
-    held = [f for f in engine_module._LAST_DIRECT.values() if first._token in str(f.key)]
+    held = [f for token, f in engine_module._LAST_DIRECT.values() if token == first._token]
     assert len(held) == 2  # one per worker of the mesh
     client.cancel(held)
     metrics = second.value(second.run("train", np.arange(8))["metrics"])
     assert np.all(np.isfinite(np.asarray(metrics, dtype=float)))
     first.close()
     second.close()
+
+
+def test_a_task_cancelled_before_it_ran_releases_its_waiting_peer(client):
+    """A direct task that never runs (cancelled, or its previous task failed) cannot tell its
+    peers itself: the engine does, from the client, so the peer's take fails at once instead
+    of waiting out the take timeout."""
+    from distributed import Event
+
+    from rapydli.scheduler import engine as engine_module
+
+    net = _mlp()
+    engine = Engine(net, rd.data_parallel(2), OPTIMIZER, client)
+    engine.set_params(net.init(0))
+    engine.set_data("train", np.zeros((8, 12), np.float32), np.zeros(8, np.int64))
+    engine.value(engine.run("train", np.arange(8))["metrics"])  # mailboxes started
+    event = Event(f"hold-{time.monotonic_ns()}")
+    held = client.submit(_hold, event.name, workers=[engine.workers[1]], pure=False)
+    try:
+        engine.run("train", np.arange(8))
+        chain = engine_module._LAST_DIRECT
+        first = chain[(client.id, engine.workers[0])][1]
+        second = chain[(client.id, engine.workers[1])][1]
+        client.cancel([second])  # queued behind the held task: it never runs
+        with pytest.raises(ExchangeError, match="cancelled before it could post"):
+            first.result(timeout=30)
+    finally:
+        event.set()
+        held.result(timeout=30)
+        engine.close()

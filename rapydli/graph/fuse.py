@@ -87,9 +87,10 @@ def mail_order(graph, mail: set[str]) -> list[str]:
 
     Among the ops ready at a time, mail sends go first (the tile leaves as soon as it exists,
     so its transfer overlaps what the sender computes next) and ops that read mail go last
-    (a worker computes all it can before it waits); among those, the one whose tiles were
-    posted earliest goes first (in data parallel: the last layer's gradient sum and update
-    run while the first layer's gradients, computed last, are still on their way). Every
+    (a worker computes all it can before it waits); among those, the one whose last tile is
+    posted earliest (by the order without this rule) goes first: in data parallel the last
+    layer's gradient sum and update run while the first layer's gradients, computed last,
+    are still on their way. Every
     worker following the same order is what makes the exchange deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}

@@ -197,14 +197,18 @@ def _ping(boxes: tuple, me: int, n: int) -> float:
     tile = np.ones(16, np.float32)
     start = time.perf_counter()
     for i in range(n):
-        exchange = Exchange(f"ping-{i}", me, boxes)
-        if me == 0:
-            exchange.post("ping", tile, (1,))
-            exchange.take("pong")
-        else:
-            exchange.take("ping")
-            exchange.post("pong", tile, (0,))
-            exchange.flush()
+        exchange = Exchange(f"ping-{i}", me, boxes, timeout=30.0)
+        try:
+            if me == 0:
+                exchange.post("ping", tile, (1,))
+                exchange.take("pong")
+            else:
+                exchange.take("ping")
+                exchange.post("pong", tile, (0,))
+            exchange.finish()
+        except Exception as error:  # the peer must not wait for a ping that will not come
+            exchange.fail(error)
+            raise
     return (time.perf_counter() - start) / n
 
 

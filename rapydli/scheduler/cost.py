@@ -82,7 +82,7 @@ from rapydli.graph.tiles import shape_of
 from rapydli.scheduler.calibrate import calibrate_local, measure_device, step_rate
 from rapydli.scheduler.cluster_spec import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                             load_cluster, parse_cluster, quantity)
-from rapydli.scheduler.replay import Slot, _direct_units, _exposed, _graph_units, _Replay
+from rapydli.scheduler.replay import Replay, Slot, direct_units, exposed_time, graph_units
 
 #: public names; the cluster specs, calibration and :class:`Slot` (a replayed run) are
 #: re-exported from their own modules
@@ -242,9 +242,9 @@ def simulate_graph(graph, cluster: ClusterSpec, fused: bool = True, label: str =
     def op_time(key: str) -> float:
         return op_seconds(graph, key, cluster.device, cluster.overhead)
 
-    units, n_tasks = (_direct_units(graph, cluster, mail, op_time) if mail else
-                      _graph_units(graph, cluster, fused, op_time))
-    replay = _Replay(units, cluster)
+    units, n_tasks = (direct_units(graph, cluster, mail, op_time) if mail else
+                      graph_units(graph, cluster, fused, op_time))
+    replay = Replay(units, cluster)
     replay.run()
     ends = [s.end for s in replay.schedule] + [t.end for t in replay.transfers]
     compute = [0.0] * n
@@ -257,7 +257,7 @@ def simulate_graph(graph, cluster: ClusterSpec, fused: bool = True, label: str =
         batch=meta["batch"], n_workers=n,
         step_time=cluster.overhead.per_step + max(ends, default=0.0),
         compute_time=max(compute), comm_time=sum(t.end - t.start for t in replay.transfers),
-        exposed_comm=_exposed(replay.transfers, replay.schedule),
+        exposed_comm=exposed_time(replay.transfers, replay.schedule),
         bytes_moved=sum(t.nbytes for t in replay.transfers), n_tasks=n_tasks,
         n_transfers=len(replay.transfers), compute_by_device=tuple(compute),
         memory_by_device=tuple(memory_by_worker(graph)), memory_capacity=cluster.device.memory,

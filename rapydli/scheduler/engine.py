@@ -10,10 +10,11 @@ On a cluster, tiles that change worker travel by the ``exchange`` the engine is 
 each worker's ops of a step into one task and posts tiles worker to worker inside the tasks
 (:mod:`rapydli.scheduler.mailbox`); ``"graph"`` (the default elsewhere) makes every exchange
 a Dask dependency, scheduled like any other. A worker runs the direct tasks of every engine
-of this process in the order they were submitted (each waits for the worker's previous
-one), which keeps steps in flight together, and engines sharing workers, from waiting on
-each other in a cycle. Trainings started from *other* processes on the same workers should
-use ``"graph"``: their direct tasks are not ordered with these.
+on one client in the order they were submitted (each waits for the worker's previous one),
+which keeps steps in flight together, and engines sharing workers, from waiting on each
+other in a cycle. Trainings on *other* clients (or processes) sharing these workers should
+use ``"graph"``: their direct tasks are not ordered with these. One engine is driven from
+one thread at a time (its resident weights move with each submitted step).
 
 Without a client the engine runs in-process on Dask's synchronous scheduler, every mesh worker
 being this process: with a one-worker placement that is the reference every placement is
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
+import weakref
 
 import dask
 import numpy as np
@@ -38,15 +40,24 @@ from rapydli.placement import single
 from rapydli.scheduler.cluster import bind_workers
 
 #: engine phases and the transitions between them
-TRANSITIONS = {"new": {"ready"}, "ready": {"ready", "closed"}, "closed": set()}
+TRANSITIONS = {"new": {"ready", "closed"}, "ready": {"ready", "closed"}, "closed": set()}
 #: how tiles travel between workers (see the module doc); "auto": direct where it can run
 EXCHANGES = ("auto", "direct", "graph")
 
-#: per (client, worker address): the last direct-exchange task this process submitted there;
-#: the next one, of whichever engine, waits for it. Submissions hold the lock, so every
-#: worker sees the direct tasks in one order.
-_LAST_DIRECT: dict[tuple[str, str], object] = {}
+#: per (client, worker address): ``(engine token, future)`` of the last direct-exchange task
+#: submitted there through that client; the next one, of whichever engine, waits for it.
+#: Submissions hold the lock, so every worker sees the direct tasks in one order.
+_LAST_DIRECT: dict[tuple[str, str], tuple[str, object]] = {}
 _DIRECT_LOCK = threading.Lock()
+
+
+def _release_chain(client_id: str, workers: list, token: str) -> None:
+    """Drop the chain entries an engine (``token``) left, so that no task of it is held alive
+    for the next one to wait on (at close, or when the engine is garbage-collected)."""
+    with _DIRECT_LOCK:
+        for address in workers:
+            if _LAST_DIRECT.get((client_id, address), ("",))[0] == token:
+                del _LAST_DIRECT[(client_id, address)]
 
 
 class Engine:
@@ -70,6 +81,7 @@ class Engine:
         #: the direct exchange's mailbox actors (futures) and their addresses, once started
         self._mailboxes: list = []
         self._boxes: tuple = ()
+        self._actors: list = []  #: the mailboxes' actor handles, to post failures from here
         #: worker address of each mesh worker (``None``: this process)
         if workers is not None and client is None:
             raise PlacementError(f"workers={workers!r} needs a client: worker addresses name "
@@ -251,25 +263,35 @@ class Engine:
             graph = plan.instantiate(step, bindings, self.workers, None, {})
             values = dict(zip(wanted, self._compute(graph, [(t, step) for t in wanted])))
         else:
-            # every mail task runs, even one no output depends on in Dask's eyes (it only posts)
-            mail = {t.name: t.worker for t in plan.tasks.values() if t.mail}
-            keys = wanted + sorted(set(mail) - set(wanted))
-            chain = [(self.client.id, address) for address in self.workers]
-            with _DIRECT_LOCK:
-                # a failed or cancelled task is no order to keep: depending on it would fail
-                after = {w: _LAST_DIRECT[link] for w, link in enumerate(chain)
-                         if getattr(_LAST_DIRECT.get(link), "status", None) in ("pending",
-                                                                                "finished")}
-                graph = plan.instantiate(step, bindings, self.workers,
-                                         self._exchange_for(step), after)
-                values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
-                _LAST_DIRECT.update((chain[worker], values[name])
-                                    for name, worker in mail.items())
+            values = self._submit_direct(plan, step, bindings, wanted)
         outputs = _resolve(plan.outputs, values)
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
                 self.resident[key] = bound
         return outputs
+
+    def _submit_direct(self, plan, step: str, bindings: dict, wanted: list) -> dict:
+        """Submit a direct-exchange step: each worker's task after the worker's previous
+        direct task (:data:`_LAST_DIRECT`); a task that fails or is cancelled before it could
+        tell its peers (a failed dependency) is reported to them from here. Returns the
+        futures of the plan's tasks, by name."""
+        exchange = self._exchange_for(step)  # mailboxes started outside the lock
+        # every mail task runs, even one no output depends on in Dask's eyes (it only posts)
+        mail = {t.name: t.worker for t in plan.tasks.values() if t.mail}
+        keys = wanted + sorted(set(mail) - set(wanted))
+        chain = [(self.client.id, address) for address in self.workers]
+        with _DIRECT_LOCK:
+            # a failed or cancelled task is no order to keep: depending on it would fail
+            held = {w: _LAST_DIRECT[link][1] for w, link in enumerate(chain) if link in
+                    _LAST_DIRECT}
+            after = {w: f for w, f in held.items() if f.status in ("pending", "finished")}
+            graph = plan.instantiate(step, bindings, self.workers, exchange, after)
+            values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
+            _LAST_DIRECT.update((chain[worker], (self._token, values[name]))
+                                for name, worker in mail.items())
+        for name, worker in mail.items():
+            values[name].add_done_callback(_tell_peers_if_failed(self._actors, step, worker))
+        return values
 
     def _exchange_for(self, step: str):
         """``mesh worker -> Exchange`` of one step, the mailboxes started on first use."""
@@ -278,6 +300,9 @@ class Engine:
         if not self._boxes:
             self._mailboxes, self._boxes = start_mailboxes(self.client, self.workers,
                                                            self._token)
+            self._actors = [f.result() for f in self._mailboxes]
+            weakref.finalize(self, _release_chain, self.client.id, list(self.workers),
+                             self._token)
         return lambda worker: Exchange(step, worker, self._boxes)
 
     def _compute(self, graph, keys):
@@ -333,20 +358,46 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Forget what lives on the workers; tasks still waiting for tiles fail at once."""
+        """Forget what lives on the workers; tasks still waiting for tiles fail at once.
+        Closing a closed engine does nothing."""
+        if self.phase == "closed":
+            return
         if self._mailboxes:
             from rapydli.scheduler.mailbox import close_mailboxes
 
             close_mailboxes(self._mailboxes)
-            self._mailboxes, self._boxes = [], ()
-            with _DIRECT_LOCK:  # hold no task of this engine alive for the next one to wait on
-                for address in self.workers:
-                    link = (self.client.id, address)
-                    if self._token in str(getattr(_LAST_DIRECT.get(link), "key", "")):
-                        del _LAST_DIRECT[link]
+            self._mailboxes, self._boxes, self._actors = [], (), []
+            _release_chain(self.client.id, self.workers, self._token)
         self.resident.clear()
         self.data.clear()
         self._move("closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tell_peers_if_failed(actors: list, step: str, worker: int):
+    """A done-callback for mesh worker ``worker``'s direct task of ``step``: if it failed or
+    was cancelled, post the failure to every mailbox. A task that raised has told its peers
+    itself; one that never ran (its previous task failed, or it was cancelled) has not, and
+    its peers would wait for its tiles until the take timeout."""
+    from rapydli.scheduler.mailbox import FAILED
+
+    def callback(future) -> None:
+        if future.status not in ("error", "cancelled"):
+            return
+        message = (f"mesh worker {worker}'s task {future.status} before it could post its "
+                   "tiles (an earlier step of that worker failed, or it was cancelled)")
+        for actor in actors:
+            try:
+                actor.put([((step, FAILED), message)])  # returns at once; sent by the loop
+            except Exception:  # a lost worker cannot be told; its own tasks fail anyway
+                pass
+
+    return callback
 
 
 def to_device(array):

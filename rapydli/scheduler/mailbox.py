@@ -94,6 +94,8 @@ class Mailbox:
         deadline = time.monotonic() + timeout
         with self._cond:
             while key not in self.items:
+                if step in self.failed and (step, FAILED) not in self.items:
+                    raise ExchangeError(f"step {step} failed on this worker")
                 failed = self.items.get((step, FAILED))
                 if failed is not None:
                     raise ExchangeError(f"step {step}: {failed}")
@@ -185,14 +187,26 @@ def _proxy(box: tuple[str, str, str]):
     return proxy
 
 
-def start_mailboxes(client, workers: list[str], token: str) -> tuple[list, tuple]:
+def start_mailboxes(client, workers: list[str], token: str,
+                    timeout: float = 60.0) -> tuple[list, tuple]:
     """One :class:`Mailbox` actor per mesh worker; returns ``(futures, boxes)`` where
     ``boxes`` is what :class:`Exchange` takes."""
+    from distributed import wait
+
     names = [f"rapydli-{token}-w{i}" for i in range(len(workers))]
     futures = [client.submit(Mailbox, name, actor=True, workers=[address],
                              allow_other_workers=False, key=name)
                for name, address in zip(names, workers)]
-    client.gather(futures)  # the actors exist before any task posts to them
+    try:  # the actors exist before any task posts to them
+        wait(futures, timeout=timeout)
+    except TimeoutError:
+        missing = [w for w, f in zip(workers, futures) if not f.done()]
+        client.cancel(futures)
+        raise ExchangeError(
+            f"the direct exchange's mailboxes did not start on {missing} in {timeout:.0f} s: "
+            "the worker is gone or busy; check the cluster (client.scheduler_info()), or use "
+            "exchange='graph'") from None
+    client.gather(futures)  # raises here if an actor failed to start
     boxes = tuple((address, f.key, name) for address, f, name in zip(workers, futures, names))
     return futures, boxes
 

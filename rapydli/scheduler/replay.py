@@ -2,10 +2,10 @@
 and links of a :class:`~rapydli.scheduler.cluster_spec.ClusterSpec` as a discrete-event
 simulation.
 
-:func:`_graph_units` and :func:`_direct_units` turn a lowered graph into units (a whole Dask
+:func:`graph_units` and :func:`direct_units` turn a lowered graph into units (a whole Dask
 task in the ``"graph"`` exchange; a worker task's start and each of its ops in the
 ``"direct"`` exchange), their dependencies and the tiles that travel between them;
-:class:`_Replay` runs them and records a :class:`Slot` per unit run and per transfer. What an
+:class:`Replay` runs them and records a :class:`Slot` per unit run and per transfer. What an
 op costs comes from the caller (``op_time``: op key -> device seconds), so this module knows
 nothing of kernels. :mod:`rapydli.scheduler.cost` describes the model and builds predictions
 from the replay.
@@ -60,7 +60,7 @@ class _Unit:
     last: bool = True  #: it ends its task; until then no other task may start on its device
     deps: set = field(default_factory=set)  #: names of the units it waits for
     then: dict = field(default_factory=dict)  #: same-device dependent -> delay after its end
-    ships: dict = field(default_factory=dict)  #: (worker, delay after its end) -> _Ship
+    ships: dict = field(default_factory=dict)  #: (worker, delay after its end, mail) -> _Ship
     pending: int = 0
 
 
@@ -72,8 +72,7 @@ def _link(src: _Unit, dst: _Unit, delay: float, ref=None, mail: bool = False) ->
     if src.worker == dst.worker:
         src.then[dst.name] = delay
         return
-    ship = src.ships.setdefault((dst.worker, delay), _Ship())
-    ship.mail = ship.mail or mail
+    ship = src.ships.setdefault((dst.worker, delay, mail), _Ship(mail=mail))
     ship.readers.add(dst.name)
     if ref is not None:
         ship.payload[(ref.key, ref.pick)] = ref.nbytes
@@ -93,7 +92,7 @@ def _place(graph, worker: int | None, keys: list[str], unit_of: dict, units: dic
     return units[firsts[0]].worker if firsts else 0
 
 
-def _graph_units(graph, cluster: ClusterSpec, fused: bool,
+def graph_units(graph, cluster: ClusterSpec, fused: bool,
                  op_time: OpTime) -> tuple[dict[str, _Unit], int]:
     """Graph exchange: one unit per fused Dask task; every edge between tasks waits
     ``dispatch``. Returns the units and the number of Dask tasks."""
@@ -137,7 +136,7 @@ def _carriers(graph, keys: list[str], mail: set[str]) -> dict[str, str]:
     return carrier
 
 
-def _posting(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> float:
+def posting_time(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> float:
     """Device seconds a worker spends posting the tiles of ``sends`` (one run of mail sends,
     leaving as one message per receiving worker), where the devices of a node share its cores
     (``node.flops``): the comms' CPU work (socket writes, framing) takes the cores the kernels
@@ -155,7 +154,7 @@ def _posting(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> floa
                for d, n in dests.items())
 
 
-def _receiving(graph, cluster: ClusterSpec, key: str, mail: set[str], taken: set[str],
+def receiving_time(graph, cluster: ClusterSpec, key: str, mail: set[str], taken: set[str],
                worker: int) -> float:
     """Device seconds op ``key`` adds for the posted tiles it is the first to take (their
     bytes at the link's bandwidth: the worker's event loop reads them off the socket), where
@@ -182,14 +181,14 @@ def _program(graph, cluster: ClusterSpec, op_time: OpTime, name: str, worker: in
     chain = [_Unit(name, worker, 0.0, cluster.overhead.per_task, (True, i, 0), name, False)]
     for k, key in enumerate(keys, 1):
         chain.append(_Unit(key, worker, _seconds([key], op_time) +
-                           _posting(graph, cluster, carried.get(key, []), worker) +
-                           _receiving(graph, cluster, key, mail, taken, worker), 0.0,
+                           posting_time(graph, cluster, carried.get(key, []), worker) +
+                           receiving_time(graph, cluster, key, mail, taken, worker), 0.0,
                            (True, i, k), name, k == len(keys)))
         _link(chain[-2], chain[-1], 0.0)
     units.update((u.name, u) for u in chain)
 
 
-def _direct_units(graph, cluster: ClusterSpec, mail: set[str],
+def direct_units(graph, cluster: ClusterSpec, mail: set[str],
                   op_time: OpTime) -> tuple[dict[str, _Unit], int]:
     """Direct exchange: each worker task as a chain of units (:func:`_program`); a mail tile
     leaves when its carrier op ends (:func:`_carriers`) and its reader waits for it; edges
@@ -227,7 +226,7 @@ def _direct_units(graph, cluster: ClusterSpec, mail: set[str],
 
 
 # ----------------------------------------------------------------------------- simulation
-class _Replay:
+class Replay:
     """Discrete-event replay of units on devices and transfers on links.
 
     A device runs one unit at a time; once a task's first unit started, no other task starts
@@ -323,8 +322,8 @@ class _Replay:
         self._reschedule(node, time)
         for dep, delay in unit.then.items():
             self.push(time + delay, "satisfy", dep)
-        for dest, delay in unit.ships:
-            self.push(time + delay, "send", (name, (dest, delay)))
+        for ship in unit.ships:  # (dest worker, delay, mail)
+            self.push(time + ship[1], "send", (name, ship))
         self._start(time, unit.worker)
 
     def _on_send(self, time: float, payload: tuple[str, tuple]) -> None:
@@ -367,7 +366,7 @@ def _union(intervals) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
-def _exposed(transfers: list[Slot], schedule: list[Slot]) -> float:
+def exposed_time(transfers: list[Slot], schedule: list[Slot]) -> float:
     """Length of time some transfer is in flight while no device computes."""
     moving = _union((t.start, t.end) for t in transfers)
     computing = _union((s.start, s.end) for s in schedule)
