@@ -90,8 +90,8 @@ def mail_order(graph, mail: set[str]) -> list[str]:
     (a worker computes all it can before it waits); among those, the one whose last tile is
     posted earliest (by the order without this rule) goes first: in data parallel the last
     layer's gradient sum and update run while the first layer's gradients, computed last,
-    are still on their way. Every
-    worker following the same order is what makes the exchange deadlock-free.
+    are still on their way. Every worker following the same order is what makes the exchange
+    deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}
     reads_mail = {key: [p for p in graph.predecessors(key) if p in mail] for key in graph.nodes}

@@ -7,6 +7,7 @@ workers; messages posted to a direct exchange's mailbox), and returns a one-node
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -171,21 +172,28 @@ def _post_seconds(boxes: tuple, n: int, nbytes: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+@contextlib.contextmanager
+def _mailboxes(client, workers: list[str]):
+    """Mailboxes on ``workers`` for the duration (their ``boxes``), closed afterwards."""
+    import uuid
+
+    from rapydli.scheduler.mailbox import close_mailboxes, start_mailboxes
+
+    futures, boxes = start_mailboxes(client, workers, f"calib-{uuid.uuid4().hex[:8]}")
+    try:
+        yield boxes
+    finally:
+        close_mailboxes(futures)
+
+
 def _measure_message(client, workers: list[str], repeats: int, n: int = 200,
                      nbytes: int = 64) -> float:
     """``per_message``: the sender's seconds per small message of the direct exchange, from a
     task on ``workers[0]`` posting to a :class:`~rapydli.scheduler.mailbox.Mailbox` on
     ``workers[1]`` (median over ``repeats`` runs after a warm-up)."""
-    import uuid
-
-    from rapydli.scheduler.mailbox import close_mailboxes, start_mailboxes
-
-    futures, boxes = start_mailboxes(client, workers[1:2], f"calib-{uuid.uuid4().hex[:8]}")
-    try:
+    with _mailboxes(client, workers[1:2]) as boxes:
         runs = [client.submit(_post_seconds, boxes, n, nbytes, pure=False,
                               workers=workers[:1]).result() for _ in range(repeats + 1)]
-    finally:
-        close_mailboxes(futures)
     return float(np.median(runs[1:]))  # first run: warm-up (the actor proxy, imports)
 
 
@@ -216,17 +224,10 @@ def _measure_mail_latency(client, workers: list[str], repeats: int, n: int = 50)
     """``mail_latency``: half a round trip of a small tile between tasks on ``workers[0]`` and
     ``workers[1]``, each taking from its own mailbox what the other posted (median over
     ``repeats`` runs after a warm-up)."""
-    import uuid
-
-    from rapydli.scheduler.mailbox import close_mailboxes, start_mailboxes
-
-    futures, boxes = start_mailboxes(client, workers[:2], f"ping-{uuid.uuid4().hex[:8]}")
-    try:
+    with _mailboxes(client, workers[:2]) as boxes:
         runs = [max(client.gather([client.submit(_ping, boxes, me, n, pure=False,
                                                  workers=[workers[me]]) for me in (0, 1)]))
                 for _ in range(repeats + 1)]
-    finally:
-        close_mailboxes(futures)
     return float(np.median(runs[1:])) / 2
 
 

@@ -282,9 +282,11 @@ class Engine:
         chain = [(self.client.id, address) for address in self.workers]
         with _DIRECT_LOCK:
             # a failed or cancelled task is no order to keep: depending on it would fail
-            held = {w: _LAST_DIRECT[link][1] for w, link in enumerate(chain) if link in
-                    _LAST_DIRECT}
-            after = {w: f for w, f in held.items() if f.status in ("pending", "finished")}
+            after = {}
+            for w, link in enumerate(chain):
+                _, future = _LAST_DIRECT.get(link, (None, None))
+                if future is not None and future.status in ("pending", "finished"):
+                    after[w] = future
             graph = plan.instantiate(step, bindings, self.workers, exchange, after)
             values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
             _LAST_DIRECT.update((chain[worker], (self._token, values[name]))
@@ -384,18 +386,13 @@ def _tell_peers_if_failed(actors: list, step: str, worker: int):
     was cancelled, post the failure to every mailbox. A task that raised has told its peers
     itself; one that never ran (its previous task failed, or it was cancelled) has not, and
     its peers would wait for its tiles until the take timeout."""
-    from rapydli.scheduler.mailbox import FAILED
+    from rapydli.scheduler.mailbox import post_failure
 
     def callback(future) -> None:
-        if future.status not in ("error", "cancelled"):
-            return
-        message = (f"mesh worker {worker}'s task {future.status} before it could post its "
-                   "tiles (an earlier step of that worker failed, or it was cancelled)")
-        for actor in actors:
-            try:
-                actor.put([((step, FAILED), message)])  # returns at once; sent by the loop
-            except Exception:  # a lost worker cannot be told; its own tasks fail anyway
-                pass
+        if future.status in ("error", "cancelled"):
+            post_failure(actors, step, f"mesh worker {worker}'s task {future.status} before it "
+                         "could post its tiles (an earlier step of that worker failed, or it "
+                         "was cancelled)")
 
     return callback
 

@@ -9,7 +9,8 @@ over Dask's worker-to-worker comms, never through the scheduler) the moment it i
 and the consuming op takes it from its own worker's mailbox. Tiles still travel exactly as the
 graph's send ops say; only the scheduler leaves the path of each exchange.
 
-Every worker runs its ops in one global topological order (see :func:`rapydli.graph.fuse`),
+Every worker runs its ops in one global topological order (see
+:func:`rapydli.graph.fuse.mail_order`),
 and posting never blocks, so the first op not yet run anywhere can always run: the tasks of a
 step cannot deadlock. A take waits at most ``timeout`` seconds, and a task that fails posts
 its error to its peers, so that no worker waits for a peer that will never send.
@@ -94,11 +95,10 @@ class Mailbox:
         deadline = time.monotonic() + timeout
         with self._cond:
             while key not in self.items:
-                if step in self.failed and (step, FAILED) not in self.items:
-                    raise ExchangeError(f"step {step} failed on this worker")
-                failed = self.items.get((step, FAILED))
-                if failed is not None:
-                    raise ExchangeError(f"step {step}: {failed}")
+                if step in self.failed:  # a peer's notice, or this worker's own failure
+                    notice = self.items.get((step, FAILED))
+                    raise ExchangeError(f"step {step}: {notice}" if notice else
+                                        f"step {step} failed on this worker")
                 if self.closed is not None:
                     raise ExchangeError(f"mailbox {self.name} closed ({self.closed}) while "
                                         f"waiting for {key[1]!r} of step {step}")
@@ -165,12 +165,18 @@ class Exchange:
         mine = Mailbox._here.get(self.boxes[self.me][2]) if self.me >= 0 else None
         if mine is not None:
             mine.forget(self.step)
-        for dest in range(len(self.boxes)):
-            if dest != self.me:
-                try:
-                    _proxy(self.boxes[dest]).put([((self.step, FAILED), message)])
-                except Exception:  # a lost peer cannot be told; its own task fails anyway
-                    pass
+        post_failure([_proxy(box) for dest, box in enumerate(self.boxes) if dest != self.me],
+                     self.step, message)
+
+
+def post_failure(mailboxes: list, step: str, message: str) -> None:
+    """Post ``message`` as ``step``'s failure notice to each mailbox (actor handles); returns
+    at once (the event loop sends them). A lost worker cannot be told: its tasks fail anyway."""
+    for box in mailboxes:
+        try:
+            box.put([((step, FAILED), message)])
+        except Exception:
+            pass
 
 
 #: actor proxies of this process, by (address, actor key): one each, reused by every task
