@@ -1,8 +1,9 @@
-"""AlexNet's convolution layers on a GPU: rapydli's CuPy kernels against PyTorch/cuDNN.
+"""AlexNet's convolution layers on a GPU: rapydli's GPU kernels against PyTorch/cuDNN.
 
 For conv1..conv5 (batch 128, float32) times forward and backward of ``rapydli.kernels``'s
-``conv2d_forward`` / ``conv2d_backward`` on CuPy arrays (after autotuning, which picks the batch
-chunk per shape) and of ``torch.nn.functional.conv2d`` with cuDNN, alternating in one run, and
+``conv2d_forward`` / ``conv2d_backward`` on CuPy arrays (the CUDA window kernels of
+``rapydli.kernels._cuda`` around cuBLAS GEMMs, after autotuning, which picks the batch chunk
+per shape) and of ``torch.nn.functional.conv2d`` with cuDNN, alternating in one run, and
 prints the ratio cuDNN time / rapydli time. Goal (issue 3): at least 0.9 after autotuning.
 
     python benchmarks/gpu_conv.py [--rounds 5] [--batch 128]

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from rapydli.errors import RapydliError
+from rapydli.scheduler.engine import EXCHANGES  # loaded by ``import rapydli`` anyway
 
 
 def _load(args):
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps-per-task", type=_steps_per_task, default="auto",
                        help="unroll this many training steps into one task graph; 'auto' "
                             "(default): about half a second of work per task")
-    train.add_argument("--exchange", default="auto", choices=("auto", "direct", "graph"),
+    train.add_argument("--exchange", default="auto", choices=EXCHANGES,
                        help="how tiles travel between workers: direct (worker to worker "
                             "inside each worker's step task; what 'auto' picks with more than "
                             "one worker) or graph (each tile a Dask dependency; for trainings "

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import shutil
 import sys
 
 import pytest
+
+# Without a GPU the CUDA kernels run on Numba's CUDA simulator (read when numba.cuda is first
+# imported, so set before any test imports it); a machine with a GPU tests them on the device.
+if not (shutil.which("nvidia-smi") or os.path.exists("/dev/nvidiactl")):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 # tests/ is not a package; make ``from gradcheck import check_grad`` work under any runner
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

@@ -82,6 +82,31 @@ def test_unreachable_scheduler_is_named(tiny_config, capsys):
     assert "tcp://127.0.0.1:9" in capsys.readouterr().err
 
 
+def exchange_choices(command):
+    """The ``--exchange`` choices of ``rapydli COMMAND``, read off the real parser."""
+    import argparse
+
+    from rapydli.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (option,) = [a for a in sub.choices[command]._actions if a.dest == "exchange"]
+    return tuple(option.choices)
+
+
+def test_train_exchange_choices_are_the_engines():
+    from rapydli.scheduler.engine import EXCHANGES
+
+    # cli.py spells them out to keep the engine's import lazy: a new exchange must appear here
+    assert exchange_choices("train") == tuple(EXCHANGES)
+
+
+def test_simulate_exchange_choices_are_the_simulators():
+    from rapydli.scheduler.cost import EXCHANGES
+
+    # simulate_cli.py spells them out too; an exchange the cost model lacks would fail late
+    assert exchange_choices("simulate") == tuple(EXCHANGES)
+
+
 @pytest.mark.slow
 def test_main_job_reaches_97_percent(tmp_path):
     """The README's main job: digits CNN, hybrid placement on 2 worker processes."""

@@ -378,6 +378,25 @@ def test_direct_worker_task_holds_its_device():
     assert slots["out"] == pytest.approx((11.5, 13.0))
 
 
+def test_mail_and_dask_transfer_from_one_unit_stay_apart():
+    """Worker 0's task ends with mail send ``s`` (to ``c`` on worker 1); output ``out``, placed
+    on worker 1 by its first input, also reads ``a`` by a Dask transfer after that task. With
+    no dispatch both leave unit ``s`` for worker 1 at once: one message, one transfer."""
+    g = TileGraph()
+    g.add_op(TileOp("a", "forward", "forward", 0, None, flops=1000))
+    g.add_op(TileOp("s", "send", "comm", 0, None, (Ref("a", (), 400),), nbytes=400))
+    g.add_op(TileOp("c", "forward", "forward", 1, None, (Ref("s", (), 400),), flops=1000))
+    g.add_op(TileOp("out", "output", "comm", None, None,
+                    (Ref("c", (), 8), Ref("a", (), 100))))
+    g.graph.update(placeholders={}, outputs={}, meta=dict(
+        mesh=rd.Mesh(model=2), batch=1, mode="eval", dtype=np.dtype("float32"), n_workers=2))
+    spec = cluster(devices=2, flops=1e3, bandwidth=100.0, latency=1.0, mail_latency=0.25)
+    p = simulate_graph(g, spec, exchange="direct")
+    # a ship keyed without ``mail`` would merge them into one 500 B message at mail latency
+    assert sorted((t.nbytes, t.end - t.start) for t in p.transfers) == \
+        [(100, pytest.approx(100 / 100.0 + 1.0)), (400, pytest.approx(400 / 100.0 + 0.25))]
+
+
 @pytest.mark.parametrize("call", [
     lambda: simulate(tiny(), None, 8, cluster(), rd.SGD(), exchange="mail"),
     lambda: simulate_graph(overlap_graph(4), cluster(), exchange="mail"),

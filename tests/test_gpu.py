@@ -44,9 +44,10 @@ def test_to_host_leaves_numpy_alone():
 @pytest.mark.parametrize("placement", [None, rd.hybrid(1, 1)])
 def test_gpu_step_equals_cpu_step(placement):
     net = rd.Sequential([rd.Conv2D(4, 3, padding=1, activation="relu"), rd.MaxPool2D(2),
-                         rd.Flatten(), rd.Dense(10)], input_shape=(1, 8, 8))
+                         rd.Conv2D(4, 3, stride=2), rd.AvgPool2D(2, stride=1),
+                         rd.Flatten(), rd.Dense(10)], input_shape=(1, 12, 12))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(6, 1, 8, 8)).astype("float32")
+    x = rng.normal(size=(6, 1, 12, 12)).astype("float32")
     y = rng.integers(0, 10, 6)
     results = []
     for device in ("cpu", "gpu"):

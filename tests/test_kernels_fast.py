@@ -5,7 +5,9 @@ One test body covers every kernel. It calls the public, dispatching functions of
 functions are then patched to fail, so a silent fallback to NumPy is caught) or forced off
 with ``RAPYDLI_KERNELS=numpy`` (``impl="reference"``), and compares every output (forward
 values and gradients) with ``rapydli.kernels.reference`` run in float64. It also checks that
-dtypes are kept and that no input is modified.
+dtypes are kept and that no input is modified. The window ops (convolution, pooling) are
+also run through the CUDA kernels (``impl="cuda"``, ``RAPYDLI_KERNELS=cuda``): on a GPU where
+there is one, else on Numba's CUDA simulator (``tests/conftest.py`` turns it on).
 
 Numba compiles each kernel once per dtype on first use and caches the machine code under
 ``__pycache__``: the first run after a kernel change pays the compilation (tens of seconds),
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 
 import rapydli.kernels as K
+from rapydli.errors import ConfigError
 from rapydli.kernels import _dispatch, activations, conv, losses, optim, pool
 from rapydli.kernels import reference as R
 
@@ -145,7 +148,7 @@ _TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-12}, np.float32: {"rtol": 2e-4, "
 
 
 def _no_fallback(*args, **kwargs):
-    raise AssertionError("the compiled path fell back to the NumPy reference")
+    raise AssertionError("the compiled path fell back to the NumPy/CuPy reference")
 
 
 def _flat(out):
@@ -156,6 +159,17 @@ def _flat(out):
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference(case, dt, impl, monkeypatch):
+    _matches_reference(case, dt, impl, monkeypatch)
+
+
+@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "pool"))])
+def test_cuda_kernel_matches_reference(case, dt, monkeypatch):
+    _matches_reference(case, dt, "cuda", monkeypatch)
+
+
+def _matches_reference(case, dt, impl, monkeypatch):
     call, make = CASES[case]
     args64 = make(np.random.default_rng(sorted(CASES).index(case)))
     want = _flat(call(R, args64))
@@ -164,10 +178,13 @@ def test_kernel_matches_reference(case, dt, impl, monkeypatch):
     if impl == "reference":
         monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
     else:
-        monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+        monkeypatch.setenv(_dispatch.ENV_VAR, "cuda") if impl == "cuda" else \
+            monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
         for module, names in _FALLBACKS.items():
             for name in names:
                 monkeypatch.setattr(module, name, _no_fallback)
+        if impl == "cuda":  # nor may it take the CPU-compiled kernels
+            monkeypatch.setattr(_dispatch, "_load", lambda: None)
     got = _flat(call(K, args))
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
@@ -194,3 +211,69 @@ def test_dispatch_rules(monkeypatch):
     assert _dispatch.fast(np.zeros(2, np.int64)) is None and _dispatch.fast([1.0]) is None
     monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
     assert _dispatch.fast(f32) is None
+
+
+def test_gpu_dispatch_rules(monkeypatch):
+    f32, f64 = np.zeros(2, np.float32), np.zeros(2)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    assert _dispatch.gpu(f32) is None  # NumPy arrays stay on the CPU
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    assert _dispatch.fast(f32) is None  # the CPU kernels step aside
+    assert _dispatch.gpu(f32, f64) is None and _dispatch.gpu(np.zeros(2, np.int64)) is None
+    if _dispatch.cuda_available():
+        assert _dispatch.gpu(f32, None).__name__ == "rapydli.kernels._cuda"
+    monkeypatch.setattr(_dispatch, "_cuda_module", False)  # as where numba.cuda finds no device
+    with pytest.raises(ConfigError, match="NUMBA_ENABLE_CUDASIM=1"):
+        _dispatch.gpu(f32)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
+    assert _dispatch.gpu(f32) is None
+
+
+@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+def test_cuda_window_gradients_match_finite_differences(monkeypatch):
+    from gradcheck import check_grad
+
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    rng = np.random.default_rng(7)
+    x, w, b = _rnd(rng, 2, 2, 6, 5), _rnd(rng, 3, 2, 3, 2), _rnd(rng, 3)
+    r = _rnd(rng, *K.conv2d_forward(x, w, b, 2, 1).shape)
+    dx, dw, db = K.conv2d_backward(x, w, r, 2, 1)
+    check_grad(lambda x, w, b: float((K.conv2d_forward(x, w, b, 2, 1) * r).sum()),
+               {"x": x, "w": w, "b": b}, {"x": dx, "w": dw, "b": db})
+    x = _distinct(rng, 1, 2, 7, 7)  # no ties: the max is differentiable
+    for kind in ("max", "avg"):
+        fwd = getattr(K, f"{kind}pool2d_forward")
+        y = fwd(x, 3, 2)  # overlapping windows
+        r = _rnd(rng, *y.shape)
+        got = (K.maxpool2d_backward(x, y, r, 3, 2) if kind == "max"
+               else K.avgpool2d_backward(x.shape, r, 3, 2, x.dtype))
+        check_grad(lambda x, fwd=fwd, r=r: float((fwd(x, 3, 2) * r).sum()), {"x": x}, {"x": got})
+
+
+@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+def test_cnn_gradients_through_the_cuda_kernels_equal_the_cpu_ones(monkeypatch):
+    import rapydli as rd
+
+    net = rd.Sequential([rd.Conv2D(3, 3, padding=1, activation="relu"), rd.MaxPool2D(2),
+                         rd.Conv2D(4, 3, stride=2), rd.AvgPool2D(2, stride=1), rd.Flatten(),
+                         rd.Dense(5)], input_shape=(2, 10, 10))
+    params = net.init(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(3, 2, 10, 10)).astype("float32"), rng.integers(0, 5, 3)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    cpu_loss, cpu_grads = rd.value_and_grad(net, params, x, y)
+    from rapydli.kernels import _cuda
+
+    launched = []
+    launch = _cuda._launch
+    monkeypatch.setattr(_cuda, "_launch", lambda k, *a: launched.append(k) or launch(k, *a))
+    monkeypatch.setattr(_dispatch, "_load", lambda: None)  # no CPU-compiled kernels
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    loss, grads = rd.value_and_grad(net, params, x, y)
+    kernels = {k.__name__ if hasattr(k, "__name__") else k.py_func.__name__ for k in launched}
+    assert kernels == {"_im2col_kernel", "_col2im_kernel", "_maxpool_kernel", "_avgpool_kernel",
+                       "_pool_back_kernel"}
+    assert loss == pytest.approx(cpu_loss, rel=1e-5)
+    assert grads.keys() == cpu_grads.keys()
+    for key, value in grads.items():
+        np.testing.assert_allclose(value, cpu_grads[key], rtol=1e-4, atol=1e-5, err_msg=key)

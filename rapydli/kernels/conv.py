@@ -4,8 +4,9 @@ NumPy float32/float64 inputs run Numba-compiled kernels (see
 :mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns them off):
 direct convolution loops when the reduction per output (``C*kh*kw``) or the
 number of filters is small, else im2col built by Numba plus one BLAS matmul.
-The NumPy reference implementations (``*_reference``: im2col as a strided view
-and one ``tensordot`` per direction) serve every other array type.
+CuPy inputs run the CUDA window kernels of :mod:`rapydli.kernels._cuda` around
+cuBLAS GEMMs. The reference implementations (``*_reference``: im2col as a
+strided view and one ``tensordot`` per direction) serve every other case.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from rapydli.errors import ShapeError
 from rapydli.kernels._windows import col2im, im2col, out_size, pad_hw, pair
-from rapydli.kernels._dispatch import contiguous, fast
+from rapydli.kernels._dispatch import contiguous, fast, gpu
 from rapydli.kernels.backend import get_array_module
 
 __all__ = [
@@ -82,8 +83,13 @@ def conv2d_forward(
     (1, 3, 3, 3)
     """
     k, s, p = _check(x, w, stride, padding)
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        return conv2d_forward_reference(x, w, b, stride, padding)
+    cu = gpu(x, w, b)
+    if cu is not None:
+        return cu.conv2d_forward(x, w, b, k, s, p, *out_size(x.shape, k, s, p))  # (N, O, Ho, Wo)
     nb = fast(x, w, b)
-    if nb is None or (b is not None and tuple(b.shape) != (w.shape[0],)):
+    if nb is None:
         return conv2d_forward_reference(x, w, b, stride, padding)
     ho, wo = out_size(x.shape, k, s, p)
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
@@ -154,11 +160,14 @@ def conv2d_backward(
     ((1, 2, 5, 5), (3, 2, 3, 3), (3,))
     """
     k, s, p = _check(x, w, stride, padding)
+    ho, wo = out_size(x.shape, k, s, p)
+    _check_dy(x, w, dy, (ho, wo))
+    cu = gpu(x, w, dy)
+    if cu is not None:
+        return cu.conv2d_backward(x, w, dy, k, s, p, need_dx)
     nb = fast(x, w, dy)
     if nb is None:
         return conv2d_backward_reference(x, w, dy, stride, padding, need_dx)
-    ho, wo = out_size(x.shape, k, s, p)
-    _check_dy(x, w, dy, (ho, wo))
     n, c, h, wd = x.shape
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
     w, dy = contiguous(w), contiguous(dy)

@@ -1,8 +1,9 @@
 """2-D max and average pooling kernels (NCHW, no padding, floor mode).
 
-NumPy float32/float64 inputs run Numba-compiled loops (see
-:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns them off);
-the ``*_reference`` functions are the NumPy/CuPy implementations.
+NumPy float32/float64 inputs run Numba-compiled loops, CuPy inputs the CUDA
+kernels of :mod:`rapydli.kernels._cuda` (see :mod:`rapydli.kernels._dispatch`;
+``RAPYDLI_KERNELS=numpy`` turns both off); the ``*_reference`` functions are the
+NumPy/CuPy implementations.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from rapydli.errors import ShapeError
 from rapydli.kernels._windows import col2im, im2col, out_size, pair
-from rapydli.kernels._dispatch import contiguous, fast
+from rapydli.kernels._dispatch import contiguous, fast, gpu
 from rapydli.kernels.backend import get_array_module
 
 __all__ = [
@@ -60,6 +61,9 @@ def maxpool2d_forward(x: Array, size: int | tuple[int, int], stride: int | tuple
     """
     k, s = _pairs(size, stride)
     ho, wo = out_size(x.shape, k, s)
+    cu = gpu(x)
+    if cu is not None:
+        return cu.maxpool2d_forward(x, k, s, ho, wo)  # (N, C, Ho, Wo)
     nb = fast(x)
     if nb is None:
         return maxpool2d_forward_reference(x, size, stride)
@@ -104,6 +108,9 @@ def maxpool2d_backward(
     k, s = _pairs(size, stride)
     ho, wo = out_size(x.shape, k, s)
     _check_dy(dy, x.shape, ho, wo)
+    cu = gpu(x, dy)
+    if cu is not None:
+        return cu.maxpool2d_backward(x, dy, k, s)  # (N, C, H, W)
     nb = fast(x, dy)
     if nb is None:
         return maxpool2d_backward_reference(x, y, dy, size, stride)
@@ -150,6 +157,9 @@ def avgpool2d_forward(x: Array, size: int | tuple[int, int], stride: int | tuple
     """
     k, s = _pairs(size, stride)
     ho, wo = out_size(x.shape, k, s)
+    cu = gpu(x)
+    if cu is not None:
+        return cu.avgpool2d_forward(x, k, s, ho, wo)  # (N, C, Ho, Wo)
     nb = fast(x)
     if nb is None:
         return avgpool2d_forward_reference(x, size, stride)
@@ -194,6 +204,9 @@ def avgpool2d_backward(
     k, s = _pairs(size, stride)
     x_shape = tuple(int(d) for d in x_shape)
     _check_dy(dy, x_shape, *out_size(x_shape, k, s))
+    cu = gpu(dy) if np.dtype(dtype) == dy.dtype else None
+    if cu is not None:
+        return cu.avgpool2d_backward(x_shape, dy, k, s, dy.dtype)  # (N, C, H, W)
     dt = np.dtype(dtype) if isinstance(dy, np.ndarray) else None
     nb = fast(dy) if dt == dy.dtype else None
     if nb is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from rapydli.scheduler.cost import EXCHANGES
+
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``simulate`` subcommand to ``rapydli``'s subparsers; returns its parser."""
@@ -26,7 +28,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
                      help="rank every preset over the mesh shapes that fit the cluster")
     sim.add_argument("--top", type=int, default=0, metavar="K",
                      help="with --search, show only the K best (default: all)")
-    sim.add_argument("--exchange", choices=("direct", "graph"), default="direct",
+    sim.add_argument("--exchange", choices=EXCHANGES, default="direct",
                      help="how tiles travel between workers (as Engine(exchange=...)); "
                           "'direct' is the engine's default on a cluster (one worker or "
                           "--unfused: graph)")

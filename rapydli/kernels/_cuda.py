@@ -1,0 +1,280 @@
+"""CUDA kernels (Numba) for the window ops of the GPU path (private).
+
+CuPy gives the library calls (cuBLAS GEMMs, element-wise arithmetic, reductions); the ops with
+no library call are written here with ``numba.cuda``: the window matrix of a convolution
+(``im2col``) and its transpose (``col2im``), max and average pooling forward and backward.
+A convolution is then ``im2col`` + one GEMM forward, two GEMMs + ``col2im`` backward.
+
+Conventions: one thread per *output* element, grid-stride loops; gradients are gathered by
+the input element that receives them (no atomics), so results are deterministic. Arrays are
+CuPy arrays on the current device (kernels run on CuPy's current stream, no extra
+synchronisation), or NumPy arrays, which Numba copies to the device and back — the path
+CI's tests take under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the grid is
+kept small because every simulated thread is a Python thread. Inputs are validated by the
+public wrappers in :mod:`rapydli.kernels.conv` / :mod:`rapydli.kernels.pool`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import config as _numba_config
+from numba import cuda
+
+from rapydli.kernels.backend import get_array_module
+
+__all__ = [
+    "avgpool2d_backward",
+    "avgpool2d_forward",
+    "col2im",
+    "conv2d_backward",
+    "conv2d_forward",
+    "im2col",
+    "maxpool2d_backward",
+    "maxpool2d_forward",
+    "simulated",
+]
+
+Array = Any
+
+#: threads per block
+THREADS = 256
+#: most blocks per launch (grid-stride loops cover the rest); a few under the simulator
+_MAX_BLOCKS = 65535
+
+
+def simulated() -> bool:
+    """Whether ``numba.cuda`` is the CPU simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    return bool(_numba_config.ENABLE_CUDASIM)
+
+
+def _is_cupy(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def _zero(a: Array):
+    """A zero scalar of ``a``'s dtype: the accumulator's start, so it keeps that dtype."""
+    return np.dtype(a.dtype).type(0)
+
+
+def _launch(kernel, total: int, *args) -> None:
+    """Run ``kernel`` over ``total`` outputs on the stream of the CuPy arrays among ``args``."""
+    if total == 0:
+        return
+    blocks = min((total + THREADS - 1) // THREADS, 2 if simulated() else _MAX_BLOCKS)
+    threads = 32 if simulated() else THREADS
+    if any(_is_cupy(a) for a in args):
+        import cupy
+
+        stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+        # same stream as CuPy's kernels: ordered after them without waiting on the host
+        args = tuple(cuda.as_cuda_array(a, sync=False) if _is_cupy(a) else a for a in args)
+        kernel[blocks, threads, stream](*args)
+    else:
+        kernel[blocks, threads](*args)
+
+
+# ------------------------------------------------------------------ shared device functions
+@cuda.jit(device=True)
+def _unravel(idx, c_, h, w):
+    """``(n, c, row, col)`` of flat index ``idx`` in a C-contiguous (N, c_, h, w) array."""
+    col = idx % w
+    idx //= w
+    row = idx % h
+    idx //= h
+    return idx // c_, idx % c_, row, col
+
+
+@cuda.jit(device=True)
+def _source(pos, tap, stride, size):
+    """The output index whose window puts tap ``tap`` on input ``pos`` (one axis), or -1."""
+    d = pos - tap
+    if d < 0 or d % stride != 0 or d // stride >= size:
+        return -1
+    return d // stride
+
+
+# ------------------------------------------------------------------ convolution windows
+@cuda.jit
+def _im2col_kernel(x, cols, kh, kw, sh, sw, ho, wo):
+    width = cols.shape[1]  # (C*kh*kw, N*Ho*Wo)
+    start = cuda.grid(1)
+    for idx in range(start, cols.size, cuda.gridsize(1)):
+        row = idx // width
+        c, ij = row // (kh * kw), row % (kh * kw)
+        n, _, r, t = _unravel(idx - row * width, 1, ho, wo)
+        cols[row, idx - row * width] = x[n, c, r * sh + ij // kw, t * sw + ij % kw]
+
+
+@cuda.jit
+def _col2im_kernel(dcols, dx, kh, kw, sh, sw, ho, wo, zero):
+    c_, h, wd = dx.shape[1:]
+    start = cuda.grid(1)
+    for idx in range(start, dx.size, cuda.gridsize(1)):
+        n, c, y, xx = _unravel(idx, c_, h, wd)
+        acc = zero
+        for i in range(kh):
+            r = _source(y, i, sh, ho)
+            if r < 0:
+                continue
+            for j in range(kw):
+                t = _source(xx, j, sw, wo)
+                if t >= 0:
+                    acc += dcols[(c * kh + i) * kw + j, (n * ho + r) * wo + t]
+        dx[n, c, y, xx] = acc
+
+
+def im2col(xpad: Array, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> Array:
+    """Windows of ``xpad`` (N, C, H, W) as a ``(C*kh*kw, N*Ho*Wo)`` matrix (rows c, i, j)."""
+    xp = get_array_module(xpad)
+    n_, c_ = xpad.shape[:2]
+    cols = xp.empty((c_ * kh * kw, n_ * ho * wo), xpad.dtype)
+    _launch(_im2col_kernel, cols.size, xpad, cols, kh, kw, sh, sw, ho, wo)
+    return cols
+
+
+def col2im(dcols: Array, shape: tuple[int, int, int, int], kh: int, kw: int, sh: int, sw: int,
+           ho: int, wo: int) -> Array:
+    """Sum window gradients ``(C*kh*kw, N*Ho*Wo)`` onto a zero grid of ``shape`` (N, C, H, W)."""
+    xp = get_array_module(dcols)
+    dx = xp.empty(shape, dcols.dtype)
+    _launch(_col2im_kernel, dx.size, dcols, dx, kh, kw, sh, sw, ho, wo, _zero(dx))
+    return dx
+
+
+def _pad(x: Array, p: tuple[int, int]) -> Array:
+    if p == (0, 0):
+        return x
+    xp = get_array_module(x)
+    return xp.pad(x, ((0, 0), (0, 0), (p[0], p[0]), (p[1], p[1])))  # (N, C, H+2ph, W+2pw)
+
+
+def conv2d_forward(x: Array, w: Array, b: Array | None, k: tuple[int, int], s: tuple[int, int],
+                   p: tuple[int, int], ho: int, wo: int) -> Array:
+    """``im2col`` + one GEMM; returns (N, O, Ho, Wo)."""
+    xp = get_array_module(x)
+    xpad = xp.ascontiguousarray(_pad(x, p))  # (N, C, H+2ph, W+2pw)
+    cols = im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+    o_ = w.shape[0]
+    yt = w.reshape(o_, -1) @ cols  # (O, N*Ho*Wo)
+    y = yt.reshape(o_, x.shape[0], ho, wo).transpose(1, 0, 2, 3)  # (N, O, Ho, Wo) view
+    if b is not None:
+        y = y + b.reshape(1, o_, 1, 1)
+    return xp.ascontiguousarray(y)
+
+
+def conv2d_backward(x: Array, w: Array, dy: Array, k: tuple[int, int], s: tuple[int, int],
+                    p: tuple[int, int], need_dx: bool) -> tuple[Array | None, Array, Array]:
+    """Two GEMMs and ``col2im``; returns ``(dx or None, dw, db)``."""
+    xp = get_array_module(x)
+    h, wd = x.shape[2:]
+    o_, ho, wo = dy.shape[1:]
+    xpad = xp.ascontiguousarray(_pad(x, p))  # (N, C, H+2ph, W+2pw)
+    cols = im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+    dyt = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o_, -1)  # (O, N*Ho*Wo)
+    dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
+    db = dyt.sum(axis=1)  # (O,)
+    dx = None
+    if need_dx:
+        dcols = w.reshape(o_, -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
+        dxpad = col2im(dcols, xpad.shape, k[0], k[1], s[0], s[1], ho, wo)  # (N, C, Hp, Wp)
+        dx = dxpad if p == (0, 0) else xp.ascontiguousarray(
+            dxpad[:, :, p[0]:p[0] + h, p[1]:p[1] + wd])  # (N, C, H, W)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------ pooling
+@cuda.jit
+def _maxpool_kernel(x, y, arg, kh, kw, sh, sw):
+    c_, ho, wo = y.shape[1:]
+    start = cuda.grid(1)
+    for idx in range(start, y.size, cuda.gridsize(1)):
+        n, c, r, t = _unravel(idx, c_, ho, wo)
+        best = x[n, c, r * sh, t * sw]
+        where = 0
+        for i in range(kh):
+            for j in range(kw):
+                v = x[n, c, r * sh + i, t * sw + j]
+                if v > best or (v != v and best == best):  # first maximum; first NaN wins
+                    best = v
+                    where = i * kw + j
+        y[n, c, r, t] = best
+        arg[n, c, r, t] = where
+
+
+@cuda.jit
+def _avgpool_kernel(x, y, kh, kw, sh, sw, zero):
+    c_, ho, wo = y.shape[1:]
+    start = cuda.grid(1)
+    for idx in range(start, y.size, cuda.gridsize(1)):
+        n, c, r, t = _unravel(idx, c_, ho, wo)
+        acc = zero
+        for i in range(kh):
+            for j in range(kw):
+                acc += x[n, c, r * sh + i, t * sw + j]
+        y[n, c, r, t] = acc / (kh * kw)
+
+
+@cuda.jit
+def _pool_back_kernel(arg, dy, dx, kh, kw, sh, sw, zero, average):
+    """Gather each input's gradient: from every window (average) or the windows it is the max of."""
+    c_, h, wd = dx.shape[1:]
+    ho, wo = dy.shape[2], dy.shape[3]
+    start = cuda.grid(1)
+    for idx in range(start, dx.size, cuda.gridsize(1)):
+        n, c, y, xx = _unravel(idx, c_, h, wd)
+        acc = zero
+        for i in range(kh):
+            r = _source(y, i, sh, ho)
+            if r < 0:
+                continue
+            for j in range(kw):
+                t = _source(xx, j, sw, wo)
+                if t >= 0 and (average or arg[n, c, r, t] == i * kw + j):
+                    acc += dy[n, c, r, t]
+        dx[n, c, y, xx] = acc / (kh * kw) if average else acc
+
+
+def maxpool2d_forward(x: Array, k: tuple[int, int], s: tuple[int, int], ho: int, wo: int) -> Array:
+    """Window maxima (N, C, Ho, Wo); NaN propagates."""
+    y, _ = _maxpool(x, k, s, ho, wo)
+    return y
+
+
+def _maxpool(x: Array, k, s, ho: int, wo: int) -> tuple[Array, Array]:
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty(x.shape[:2] + (ho, wo), x.dtype)  # (N, C, Ho, Wo)
+    arg = xp.empty(y.shape, np.int32)  # window offset i*kw + j of each maximum
+    _launch(_maxpool_kernel, y.size, x, y, arg, k[0], k[1], s[0], s[1])
+    return y, arg
+
+
+def maxpool2d_backward(x: Array, dy: Array, k: tuple[int, int], s: tuple[int, int]) -> Array:
+    """Route ``dy`` to the first maximum (row-major) of each window; returns (N, C, H, W)."""
+    xp = get_array_module(x)
+    _, arg = _maxpool(x, k, s, dy.shape[2], dy.shape[3])
+    dx = xp.empty(x.shape, x.dtype)
+    dy = xp.ascontiguousarray(dy).astype(x.dtype, copy=False)
+    _launch(_pool_back_kernel, dx.size, arg, dy, dx, k[0], k[1], s[0], s[1], _zero(dx), False)
+    return dx
+
+
+def avgpool2d_forward(x: Array, k: tuple[int, int], s: tuple[int, int], ho: int, wo: int) -> Array:
+    """Window means (N, C, Ho, Wo)."""
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty(x.shape[:2] + (ho, wo), x.dtype)
+    _launch(_avgpool_kernel, y.size, x, y, k[0], k[1], s[0], s[1], _zero(y))
+    return y
+
+
+def avgpool2d_backward(x_shape: tuple[int, ...], dy: Array, k: tuple[int, int], s: tuple[int, int],
+                       dtype: Any) -> Array:
+    """``dy / (kh*kw)`` spread over each window; zero where no window covers the input."""
+    xp = get_array_module(dy)
+    dy = xp.ascontiguousarray(dy).astype(dtype, copy=False)
+    dx = xp.empty(tuple(x_shape), dy.dtype)
+    no_arg = xp.zeros((1, 1, 1, 1), np.int32)  # read only by max pooling
+    _launch(_pool_back_kernel, dx.size, no_arg, dy, dx, k[0], k[1], s[0], s[1], _zero(dx), True)
+    return dx
