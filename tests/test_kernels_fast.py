@@ -164,7 +164,7 @@ def test_kernel_matches_reference(case, dt, impl, monkeypatch):
 
 @pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "pool"))])
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "pool", "sgd"))])
 def test_cuda_kernel_matches_reference(case, dt, monkeypatch):
     _matches_reference(case, dt, "cuda", monkeypatch)
 
@@ -211,6 +211,27 @@ def test_dispatch_rules(monkeypatch):
     assert _dispatch.fast(np.zeros(2, np.int64)) is None and _dispatch.fast([1.0]) is None
     monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
     assert _dispatch.fast(f32) is None
+
+
+@pytest.mark.parametrize("impl", ["numba", "reference", "cuda"])
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,wd,nesterov,with_v", [(0.9, 0.01, True, True), (0.9, 0.0, False, False),
+                                                        (0.0, 0.01, False, False)])
+def test_inplace_sgd_equals_the_pure_step(impl, dt, momentum, wd, nesterov, with_v, monkeypatch):
+    if impl == "cuda" and not _dispatch.cuda_available():
+        pytest.skip("no CUDA device and no CUDA simulator")
+    rng = np.random.default_rng(3)
+    w, g, v = (_rnd(rng, 5, 3).astype(dt) for _ in range(3))
+    want_w, want_v = R.sgd_update(w, g, v if with_v else None, 0.1, momentum, wd, nesterov)
+    monkeypatch.setenv(_dispatch.ENV_VAR, {"numba": "", "reference": "numpy", "cuda": "cuda"}[impl])
+    if impl != "reference":  # the fast paths must not fall back
+        monkeypatch.setattr(optim, "sgd_update_reference", _no_fallback)
+    w2, v2 = w.copy(), (v.copy() if with_v else None)
+    got_w, got_v = optim.sgd_update_(w2, g, v2, 0.1, momentum, wd, nesterov)
+    assert got_w is w2 and (not with_v or got_v is v2)  # written in place
+    np.testing.assert_allclose(got_w, want_w, **_TOL[dt])
+    if momentum:
+        np.testing.assert_allclose(got_v, want_v, **_TOL[dt])
 
 
 def test_gpu_dispatch_rules(monkeypatch):

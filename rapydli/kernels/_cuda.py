@@ -2,7 +2,8 @@
 
 CuPy gives the library calls (cuBLAS GEMMs, element-wise arithmetic, reductions); the ops with
 no library call are written here with ``numba.cuda``: the window matrix of a convolution
-(``im2col``) and its transpose (``col2im``), max and average pooling forward and backward.
+(``im2col``) and its transpose (``col2im``), max and average pooling forward and backward,
+and the SGD step fused into one pass (CuPy's arithmetic would take several, with temporaries).
 A convolution is then ``im2col`` + one GEMM forward, two GEMMs + ``col2im`` backward.
 
 Conventions: one thread per *output* element, grid-stride loops; gradients are gathered by
@@ -32,6 +33,8 @@ __all__ = [
     "im2col",
     "maxpool2d_backward",
     "maxpool2d_forward",
+    "sgd_update",
+    "sgd_update_",
     "simulated",
 ]
 
@@ -278,3 +281,40 @@ def avgpool2d_backward(x_shape: tuple[int, ...], dy: Array, k: tuple[int, int], 
     no_arg = xp.zeros((1, 1, 1, 1), np.int32)  # read only by max pooling
     _launch(_pool_back_kernel, dx.size, no_arg, dy, dx, k[0], k[1], s[0], s[1], _zero(dx), True)
     return dx
+
+
+# ------------------------------------------------------------------ optimiser
+@cuda.jit
+def _sgd_kernel(w, g, v, lr, momentum, weight_decay, nesterov):
+    start = cuda.grid(1)
+    for i in range(start, w.size, cuda.gridsize(1)):
+        g2 = g[i] + weight_decay * w[i] if weight_decay != 0.0 else g[i]
+        if momentum != 0.0:
+            v[i] = momentum * v[i] + g2  # rounded to v's dtype here, as on the CPU
+            step = g2 + momentum * v[i] if nesterov else v[i]
+        else:
+            step = g2
+        w[i] = w[i] - lr * step
+
+
+def sgd_update_(w: Array, g: Array, v: Array | None, lr: float, momentum: float,
+                weight_decay: float, nesterov: bool) -> tuple[Array, Array | None]:
+    """One SGD step written into the C-contiguous ``w`` and ``v`` (zeros on the first step)."""
+    xp = get_array_module(w)
+    # without momentum v is never read; a separate dummy, since NumPy arguments are copied to
+    # the device and back one by one (an alias of w would be written back over it)
+    flat_v = xp.empty(1, w.dtype) if v is None else v.reshape(-1)
+    _launch(_sgd_kernel, w.size, w.reshape(-1), xp.ascontiguousarray(g).reshape(-1), flat_v,
+            float(lr), float(momentum), float(weight_decay), bool(nesterov))
+    return w, v
+
+
+def sgd_update(w: Array, g: Array, v: Array | None, lr: float, momentum: float,
+               weight_decay: float, nesterov: bool) -> tuple[Array, Array | None]:
+    """The step of :func:`sgd_update_` into new arrays; ``v`` None reads as zeros."""
+    xp = get_array_module(w)
+    w_new = xp.array(w, order="C", copy=True)
+    v_new = None
+    if momentum:
+        v_new = xp.zeros_like(w_new) if v is None else xp.array(v, dtype=w.dtype, order="C", copy=True)
+    return sgd_update_(w_new, g, v_new, lr, momentum, weight_decay, nesterov)

@@ -1,7 +1,7 @@
 """Optimiser update kernels (pure: they return new weights and state).
 
-NumPy float32/float64 inputs run one fused Numba pass (see
-:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns it off);
+NumPy float32/float64 inputs run one fused Numba pass, CuPy inputs one fused CUDA pass (see
+:mod:`rapydli.kernels._dispatch`; ``RAPYDLI_KERNELS=numpy`` turns both off);
 :func:`sgd_update_reference` is the NumPy/CuPy implementation.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rapydli.errors import ShapeError
-from rapydli.kernels._dispatch import contiguous, fast
+from rapydli.kernels._dispatch import contiguous, fast, gpu
 from rapydli.kernels.backend import get_array_module
 
 __all__ = ["sgd_update", "sgd_update_", "sgd_update_reference"]
@@ -53,7 +53,11 @@ def sgd_update(
     if tuple(g.shape) != tuple(w.shape):
         raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
                          f"{tuple(w.shape)}")
-    nb = fast(w, g, v) if v is None or tuple(v.shape) == tuple(w.shape) else None
+    same = v is None or tuple(v.shape) == tuple(w.shape)
+    cu = gpu(w, g, v) if same else None
+    if cu is not None:
+        return cu.sgd_update(w, g, v, lr, momentum, weight_decay, nesterov)
+    nb = fast(w, g, v) if same else None
     if nb is None:
         return sgd_update_reference(w, g, v, lr, momentum, weight_decay, nesterov)
     flat_w = contiguous(w).reshape(-1)
@@ -80,8 +84,13 @@ def sgd_update_(
     """
     if momentum and v is None:
         v = get_array_module(w).zeros_like(w)
-    nb = fast(w, g, v) if v is None or tuple(v.shape) == tuple(w.shape) else None
-    if nb is None or not (w.flags.c_contiguous and (v is None or v.flags.c_contiguous)):
+    owned = (v is None or tuple(v.shape) == tuple(w.shape)) and w.flags.c_contiguous \
+        and (v is None or v.flags.c_contiguous)
+    cu = gpu(w, g, v) if owned else None
+    if cu is not None:
+        return cu.sgd_update_(w, g, v, lr, momentum, weight_decay, nesterov)
+    nb = fast(w, g, v) if owned else None
+    if nb is None:
         new_w, new_v = sgd_update_reference(w, g, v, lr, momentum, weight_decay, nesterov)
         w[...] = new_w
         if momentum:
