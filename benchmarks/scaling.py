@@ -24,26 +24,36 @@ exchange costs per step (no goal; ``--skip-small`` leaves them out).
 
 Steps go into task graphs as ``fit`` puts them by default (``--steps-per-task auto``).
 
+A second table says where the CPU went in the timed rounds of the large MLPs, per step
+(psutil's per-thread CPU times): the client process (client and scheduler), each worker's
+busiest thread (the one running the step tasks: kernels, and posting and taking tiles in a
+direct exchange) and its other threads (event loop: messages, heartbeats, monitors). On a
+2-core machine the total against ``2 x step time`` shows whether the cores were the limit.
+
     python benchmarks/scaling.py [--rounds 5] [--steps 24] [--mp-steps 3] [--mp-batch 256]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 
 import _common as C
 
 
-def measure(label, net, batch, steps, rounds, engines, samples, sizes, pair=None):
+def measure(label, net, batch, steps, rounds, engines, samples, sizes, pair=None, pids=()):
     """Median seconds per step of each engine, rounds alternating between them; ``sizes``
     holds each engine's steps per task (or its ``TaskSize``). ``pair``: ``(key, engines,
     sizes)`` of two 1-worker engines timed side by side at half the batch, as one more
-    entry ``key``."""
+    entry ``key``. Also returns, per key, the CPU seconds per step of every thread of
+    ``pids`` over the timed rounds (``{(pid, tid): seconds}``)."""
     keys = [*engines, *([pair[0]] if pair else [])]
     times = {k: [] for k in keys}
+    cpu = {k: {} for k in keys}
     for r in range(rounds + 1):
         indices = C.batches(samples, batch, steps, start=r * steps)
         for key in keys:
+            before = cpu_times(pids)
             if pair and key == pair[0]:
                 half = C.batches(samples, batch // 2, steps, start=r * steps)
                 seconds = side_by_side(pair[1], half, pair[2])
@@ -51,7 +61,42 @@ def measure(label, net, batch, steps, rounds, engines, samples, sizes, pair=None
                 seconds = C.run_steps(engines[key], indices, steps_per_task=sizes[key])
             if r:
                 times[key].append(seconds / steps)
-    return {k: C.median(v) for k, v in times.items()}
+                for thread, spent in cpu_times(pids).items():
+                    used = (spent - before.get(thread, 0.0)) / (steps * rounds)
+                    cpu[key][thread] = cpu[key].get(thread, 0.0) + used
+    return {k: C.median(v) for k, v in times.items()}, cpu
+
+
+def cpu_times(pids) -> dict:
+    """CPU seconds (user + system) so far of every thread of the processes ``pids``."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        try:
+            for thread in psutil.Process(pid).threads():
+                out[(pid, thread.id)] = thread.user_time + thread.system_time
+        except psutil.Error:  # a process gone: nothing to count
+            pass
+    return out
+
+
+def cpu_row(name, cpu, step, client_pid, run_pids, idle_pids) -> list:
+    """One row of the CPU table: ms per step by role (see the module docstring); ``run_pids``
+    are the workers of the run's cluster, ``idle_pids`` those of the other one."""
+    def ms(x):
+        return f"{x * 1e3:.0f}"
+
+    def of(pids):
+        return [sorted((v for (p, _), v in cpu.items() if p == pid), reverse=True) or [0.0]
+                for pid in pids]
+
+    client = sum(v for (pid, _), v in cpu.items() if pid == client_pid)
+    workers = of(run_pids)
+    idle = sum(sum(threads) for threads in of(idle_pids))
+    return [name, ms(client), " + ".join(ms(t[0]) for t in workers),
+            " + ".join(ms(sum(t[1:])) for t in workers), ms(idle), ms(sum(cpu.values())),
+            ms(2 * step)]
 
 
 def side_by_side(engines, indices, sizes) -> float:
@@ -108,6 +153,8 @@ def main() -> None:
     c1 = C.cluster_client(1, 1)
     c2 = C.cluster_client(2, 1)
     c2_workers = sorted(c2.scheduler_info()["workers"])
+    worker_pids = {"1": list(c1.run(os.getpid).values()), "2": list(c2.run(os.getpid).values())}
+    pids = [os.getpid(), *worker_pids["1"], *worker_pids["2"]]
     print(f"worker thread pools: 1-worker cluster {C.worker_blas_threads(c1)}; "
           f"2-worker cluster {C.worker_blas_threads(c2)}")
     cases = [("data parallel", C.mlp(), args.batch, args.steps, rd.data_parallel(2), 1.7)]
@@ -118,7 +165,7 @@ def main() -> None:
         cases += [("data parallel", C.mlp((784, 128, 10)), 64, 48, rd.data_parallel(2), None),
                   ("model parallel", C.mlp((784, 128, 128, 10)), 64, 48, rd.model_parallel(2),
                    None)]
-    rows, goals, ceilings = [], [], []
+    rows, goals, ceilings, cpu_rows = [], [], [], []
     try:
         for label, net, batch, steps, placement, goal in cases:
             engines = {("1", "-"): C.make_engine(net, None, c1, n_samples=args.samples)}
@@ -132,8 +179,8 @@ def main() -> None:
                 pair = (("2", "none"), [C.make_engine(net, None, c2, n_samples=args.samples,
                                                       workers=[w]) for w in c2_workers],
                         [TaskSize(spt, distributed=True) for _ in range(2)])
-            t = measure(label, net, batch, steps, args.rounds, engines, args.samples, sizes,
-                        pair)
+            t, cpu = measure(label, net, batch, steps, args.rounds, engines, args.samples, sizes,
+                             pair, pids if goal else ())
             widths = "-".join(str(w) for w in (net.input_shape[0], *(
                 layer.units for layer in net.layers)))
             for (n, exchange), engine in engines.items():
@@ -157,6 +204,12 @@ def main() -> None:
             if goal:
                 goals.append((f"{label}, {exchanges[0]} exchange", goal,
                               t[("1", "-")] / t[("2", exchanges[0])]))
+                for key in t:
+                    name = f"{label}, {key[0]} worker{'s' if key[0] == '2' else ''}" + (
+                        "" if key[1] == "-" else f", {'side by side' if key[1] == 'none' else key[1]}")
+                    cpu_rows.append(cpu_row(name, cpu[key], t[key], os.getpid(),
+                                            worker_pids[key[0]],
+                                            worker_pids["2" if key[0] == "1" else "1"]))
             for engine in [*engines.values(), *(pair[1] if pair else [])]:
                 engine.close()
     finally:
@@ -167,6 +220,12 @@ def main() -> None:
     print(C.table(["placement", "MLP", "batch", "workers", "exchange", "tasks/step", "step ms",
                    "samples/s", "speedup", "efficiency", "goal"], rows,
                   ["<", "<", ">", ">", "<", ">", ">", ">", ">", ">", ">"]))
+    print("\nCPU per step (ms) in the timed rounds: client process (client + scheduler), each "
+          "worker's busiest thread (step tasks) and its other threads (event loop), the idle "
+          "cluster's workers")
+    print(C.table(["run", "client", "worker task threads", "worker other threads",
+                   "idle cluster", "total", "2 cores x step"], cpu_rows,
+                  ["<", ">", ">", ">", ">", ">", ">"]))
     for label, goal, speedup in goals:
         print(C.goal_line(f"{label} speedup >= {goal}x", speedup >= goal))
     for label, speedup in ceilings:
