@@ -93,18 +93,14 @@ def exchange_choices(command):
     return tuple(option.choices)
 
 
-def test_train_exchange_choices_are_the_engines():
+def test_exchange_choices_are_the_ones_the_engine_and_the_simulator_run():
     from rapydli.scheduler.engine import EXCHANGES
 
-    # cli.py spells them out to keep the engine's import lazy: a new exchange must appear here
-    assert exchange_choices("train") == tuple(EXCHANGES)
-
-
-def test_simulate_exchange_choices_are_the_simulators():
-    from rapydli.scheduler.cost import EXCHANGES
-
-    # simulate_cli.py spells them out too; an exchange the cost model lacks would fail late
-    assert exchange_choices("simulate") == tuple(EXCHANGES)
+    # the documented choices of `rapydli train --exchange`; "auto" lets the engine pick
+    assert exchange_choices("train") == ("auto", "direct", "graph")
+    assert set(EXCHANGES) == {"auto", "direct", "graph"}
+    # the simulator models every exchange the engine can run, and no other
+    assert set(exchange_choices("simulate")) == set(EXCHANGES) - {"auto"}
 
 
 @pytest.mark.slow

@@ -42,7 +42,12 @@ def test_to_host_leaves_numpy_alone():
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("placement", [None, rd.hybrid(1, 1)])
-def test_gpu_step_equals_cpu_step(placement):
+def test_gpu_step_equals_cpu_step(placement, monkeypatch):
+    from rapydli.kernels import _cuda
+
+    launched = []  # the window ops must take the CUDA kernels, not CuPy's reference code
+    launch = _cuda._launch
+    monkeypatch.setattr(_cuda, "_launch", lambda k, *a, **kw: launched.append(k) or launch(k, *a, **kw))
     net = rd.Sequential([rd.Conv2D(4, 3, padding=1, activation="relu"), rd.MaxPool2D(2),
                          rd.Conv2D(4, 3, stride=2), rd.AvgPool2D(2, stride=1),
                          rd.Flatten(), rd.Dense(10)], input_shape=(1, 12, 12))
@@ -58,3 +63,29 @@ def test_gpu_step_equals_cpu_step(placement):
         results.append({k: engine.value(t[0][1]) for k, t in out["grads"].items()})
     for key, value in results[0].items():
         np.testing.assert_allclose(results[1][key], value, rtol=1e-4, atol=1e-5)
+    names = {getattr(k, "__name__", None) or k.py_func.__name__ for k in launched}
+    assert names == {"_im2col_kernel", "_col2im_kernel", "_maxpool_kernel", "_avgpool_kernel",
+                     "_pool_back_kernel"}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cupy_arrays_take_the_cuda_kernels(monkeypatch):
+    import cupy
+
+    from rapydli.kernels import _cuda, _dispatch
+
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    on_gpu = cupy.zeros((2, 3), cupy.float32)
+    assert _dispatch.gpu(on_gpu, None) is _cuda and not _cuda.simulated()
+    assert _dispatch.gpu(on_gpu, cupy.zeros(2, cupy.float64)) is None  # mixed dtypes
+    # the SGD step on the device, against the NumPy reference
+    from rapydli.kernels import optim
+
+    rng = np.random.default_rng(1)
+    w, g, v = (rng.normal(size=(3, 4)).astype("float32") for _ in range(3))
+    want_w, want_v = optim.sgd_update_reference(w, g, v, 0.1, 0.9, 0.01, True)
+    got_w, got_v = optim.sgd_update_(cupy.asarray(w), cupy.asarray(g), cupy.asarray(v), 0.1, 0.9,
+                                     0.01, True)
+    np.testing.assert_allclose(cupy.asnumpy(got_w), want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cupy.asnumpy(got_v), want_v, rtol=1e-5, atol=1e-6)

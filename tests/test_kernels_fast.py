@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import rapydli.kernels as K
-from rapydli.errors import ConfigError
+from rapydli.errors import ConfigError, ShapeError
 from rapydli.kernels import _dispatch, activations, conv, losses, optim, pool
 from rapydli.kernels import reference as R
 
@@ -155,25 +155,42 @@ def _flat(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
+@pytest.mark.parametrize("layout", ["c", "readonly", "strided-readonly"])
 @pytest.mark.parametrize("impl", ["numba", "reference"])
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_reference(case, dt, impl, monkeypatch):
-    _matches_reference(case, dt, impl, monkeypatch)
+def test_kernel_matches_reference(case, dt, impl, layout, monkeypatch):
+    _matches_reference(case, dt, impl, monkeypatch, layout)
 
 
 @pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@pytest.mark.parametrize("layout", ["c", "readonly", "strided-readonly"])
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "pool", "sgd"))])
-def test_cuda_kernel_matches_reference(case, dt, monkeypatch):
-    _matches_reference(case, dt, "cuda", monkeypatch)
+def test_cuda_kernel_matches_reference(case, dt, layout, monkeypatch):
+    _matches_reference(case, dt, "cuda", monkeypatch, layout)
 
 
-def _matches_reference(case, dt, impl, monkeypatch):
+def _layout(a, layout):
+    """``a``'s values read-only, C-contiguous or not (every other element of a wider array)."""
+    if layout == "strided-readonly":
+        wide = np.empty(a.shape + (2,), a.dtype)
+        wide[..., 0] = a
+        a = wide[..., 0]
+        assert not a.flags.c_contiguous or a.size <= 1
+    else:
+        a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _matches_reference(case, dt, impl, monkeypatch, layout="c"):
     call, make = CASES[case]
     args64 = make(np.random.default_rng(sorted(CASES).index(case)))
     want = _flat(call(R, args64))
     args = {k: v.astype(dt) if v.dtype.kind == "f" else v for k, v in args64.items()}
+    if layout != "c":  # a kernel must neither need a copy nor write into its inputs
+        args = {k: _layout(v, layout) for k, v in args.items()}
     before = {k: v.copy() for k, v in args.items()}
     if impl == "reference":
         monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
@@ -250,6 +267,66 @@ def test_gpu_dispatch_rules(monkeypatch):
     assert _dispatch.gpu(f32) is None
 
 
+@pytest.mark.parametrize("impl", ["numba", "reference", "cuda"])
+def test_inplace_sgd_rejects_mismatched_shapes_before_any_kernel_runs(impl, monkeypatch):
+    if impl == "cuda" and not _dispatch.cuda_available():
+        pytest.skip("no CUDA device and no CUDA simulator")
+    monkeypatch.setenv(_dispatch.ENV_VAR, {"numba": "", "reference": "numpy", "cuda": "cuda"}[impl])
+    w = np.ones((4, 3), np.float32)
+    with pytest.raises(ShapeError, match=r"gradient shape \(3, 4\) differs from weight shape"):
+        optim.sgd_update_(w, np.ones((3, 4), np.float32), None, 0.1)
+    with pytest.raises(ShapeError, match=r"momentum buffer shape \(12,\) differs"):
+        optim.sgd_update_(w, np.ones((4, 3), np.float32), np.zeros(12, np.float32), 0.1, 0.9)
+    np.testing.assert_array_equal(w, 1.0)  # untouched
+
+
+class _FakeCupyArray:
+    """Stands for a CuPy array in the dispatch rules (only its module and dtype are read)."""
+    __module__ = "cupy._core.core"
+    dtype = np.dtype(np.float32)
+
+
+@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+def test_gpu_dispatch_keeps_device_arrays_off_the_simulator(monkeypatch):
+    from rapydli.kernels import _cuda
+
+    if not _cuda.simulated():
+        pytest.skip("a real CUDA device: the simulator is off")
+    on_gpu = _FakeCupyArray()
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    assert _dispatch.gpu(on_gpu, None) is None  # CuPy's reference kernels, on the device
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ConfigError, match="CuPy arrays cannot run on the CUDA simulator"):
+        _dispatch.gpu(on_gpu)
+    with pytest.raises(ConfigError, match="unset NUMBA_ENABLE_CUDASIM"):
+        _dispatch.gpu(np.zeros(2, np.float32), on_gpu)
+
+
+def test_cuda_kernels_that_cannot_run_fall_back_with_a_warning(monkeypatch):
+    pytest.importorskip("numba.cuda")
+    from rapydli.kernels import _cuda
+
+    def broken():
+        raise RuntimeError("PTX was compiled with an unsupported toolchain")
+
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(_dispatch, "_cuda_module", None)  # not tried yet
+    monkeypatch.setattr(_cuda, "probe", broken)
+    monkeypatch.setattr(_cuda, "simulated", lambda: False)
+    monkeypatch.setattr(_cuda.cuda, "is_available", lambda: True)  # a device is visible
+    with pytest.warns(RuntimeWarning, match="unsupported toolchain.*CuPy reference kernels"):
+        assert not _dispatch.cuda_available()
+    assert _dispatch._cuda_module is False  # tried once, not on every call
+    assert _dispatch.gpu(_FakeCupyArray()) is None
+
+
+@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+def test_cuda_probe_runs_a_kernel():
+    from rapydli.kernels import _cuda
+
+    _cuda.probe()  # raises unless the kernel wrote 1..4
+
+
 @pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
 def test_cuda_window_gradients_match_finite_differences(monkeypatch):
     from gradcheck import check_grad
@@ -287,7 +364,7 @@ def test_cnn_gradients_through_the_cuda_kernels_equal_the_cpu_ones(monkeypatch):
 
     launched = []
     launch = _cuda._launch
-    monkeypatch.setattr(_cuda, "_launch", lambda k, *a: launched.append(k) or launch(k, *a))
+    monkeypatch.setattr(_cuda, "_launch", lambda k, *a, **kw: launched.append(k) or launch(k, *a, **kw))
     monkeypatch.setattr(_dispatch, "_load", lambda: None)  # no CPU-compiled kernels
     monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
     loss, grads = rd.value_and_grad(net, params, x, y)

@@ -9,18 +9,24 @@ A convolution is then ``im2col`` + one GEMM forward, two GEMMs + ``col2im`` back
 Conventions: one thread per *output* element, grid-stride loops; gradients are gathered by
 the input element that receives them (no atomics), so results are deterministic. Arrays are
 CuPy arrays on the current device (kernels run on CuPy's current stream, no extra
-synchronisation), or NumPy arrays, which Numba copies to the device and back — the path
-CI's tests take under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), where the grid is
-kept small because every simulated thread is a Python thread. Inputs are validated by the
-public wrappers in :mod:`rapydli.kernels.conv` / :mod:`rapydli.kernels.pool`.
+synchronisation), or NumPy arrays, copied to the device with only the outputs copied back
+(read-only inputs are fine) — the path CI's tests take under the CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``), where the grid is kept small because every simulated thread is
+a Python thread. Float32 data is computed in float32 (scalars are passed in the data's dtype).
+Kernels are compiled once per signature and cached on disk (``cache=True``). Inputs are
+validated by the public wrappers in :mod:`rapydli.kernels.conv`, :mod:`rapydli.kernels.pool`
+and :mod:`rapydli.kernels.optim`; :func:`probe` runs a tiny kernel once before the GPU path
+is trusted.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 from numba import config as _numba_config
 from numba import cuda
+from numba.core.errors import NumbaPerformanceWarning
 
 from rapydli.kernels.backend import get_array_module
 
@@ -35,6 +41,7 @@ __all__ = [
     "maxpool2d_forward",
     "sgd_update",
     "sgd_update_",
+    "probe",
     "simulated",
 ]
 
@@ -44,6 +51,11 @@ Array = Any
 THREADS = 256
 #: most blocks per launch (grid-stride loops cover the rest); a few under the simulator
 _MAX_BLOCKS = 65535
+
+
+# a small tensor is a small grid: low occupancy is expected there, not a mistake to warn about
+warnings.filterwarnings("ignore", message=r"Grid size \d+ will likely result in GPU under-utili",
+                        category=NumbaPerformanceWarning)
 
 
 def simulated() -> bool:
@@ -60,8 +72,18 @@ def _zero(a: Array):
     return np.dtype(a.dtype).type(0)
 
 
-def _launch(kernel, total: int, *args) -> None:
-    """Run ``kernel`` over ``total`` outputs on the stream of the CuPy arrays among ``args``."""
+def _area(a: Array, k: tuple[int, int]):
+    """The window area ``kh*kw`` as a scalar of ``a``'s dtype: float32 data divides in float32."""
+    return np.dtype(a.dtype).type(k[0] * k[1])
+
+
+def _launch(kernel, total: int, *args, out: tuple[int, ...] = ()) -> None:
+    """Run ``kernel`` over ``total`` outputs; ``out`` names the positions of the arrays it writes.
+
+    CuPy arrays are used in place, on CuPy's current stream. NumPy arrays are copied to the
+    device (a contiguous copy first where they are strided) and only those at ``out`` are copied
+    back, so read-only or strided inputs are never written to.
+    """
     if total == 0:
         return
     blocks = min((total + THREADS - 1) // THREADS, 2 if simulated() else _MAX_BLOCKS)
@@ -73,8 +95,29 @@ def _launch(kernel, total: int, *args) -> None:
         # same stream as CuPy's kernels: ordered after them without waiting on the host
         args = tuple(cuda.as_cuda_array(a, sync=False) if _is_cupy(a) else a for a in args)
         kernel[blocks, threads, stream](*args)
-    else:
-        kernel[blocks, threads](*args)
+        return
+    dev = [cuda.to_device(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+           for a in args]
+    kernel[blocks, threads](*dev)
+    for i in out:  # arrays this module allocated (or the caller's C-contiguous w, v): writable
+        dev[i].copy_to_host(args[i])
+
+
+@cuda.jit
+def _probe_kernel(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] = i + 1
+
+
+def probe() -> None:
+    """Compile and run a tiny kernel: raises where the driver, the toolkit or the compiler cannot
+    (a device can be visible while its driver is too old for the compiler's PTX)."""
+    a = cuda.device_array(4, np.int32)
+    _probe_kernel[1, 32](a)
+    got = a.copy_to_host().tolist()
+    if got != [1, 2, 3, 4]:
+        raise RuntimeError(f"a probe kernel wrote {got} instead of [1, 2, 3, 4]")
 
 
 # ------------------------------------------------------------------ shared device functions
@@ -98,7 +141,7 @@ def _source(pos, tap, stride, size):
 
 
 # ------------------------------------------------------------------ convolution windows
-@cuda.jit
+@cuda.jit(cache=True)
 def _im2col_kernel(x, cols, kh, kw, sh, sw, ho, wo):
     width = cols.shape[1]  # (C*kh*kw, N*Ho*Wo)
     start = cuda.grid(1)
@@ -109,7 +152,7 @@ def _im2col_kernel(x, cols, kh, kw, sh, sw, ho, wo):
         cols[row, idx - row * width] = x[n, c, r * sh + ij // kw, t * sw + ij % kw]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _col2im_kernel(dcols, dx, kh, kw, sh, sw, ho, wo, zero):
     c_, h, wd = dx.shape[1:]
     start = cuda.grid(1)
@@ -132,7 +175,7 @@ def im2col(xpad: Array, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) ->
     xp = get_array_module(xpad)
     n_, c_ = xpad.shape[:2]
     cols = xp.empty((c_ * kh * kw, n_ * ho * wo), xpad.dtype)
-    _launch(_im2col_kernel, cols.size, xpad, cols, kh, kw, sh, sw, ho, wo)
+    _launch(_im2col_kernel, cols.size, xpad, cols, kh, kw, sh, sw, ho, wo, out=(1,))
     return cols
 
 
@@ -141,7 +184,7 @@ def col2im(dcols: Array, shape: tuple[int, int, int, int], kh: int, kw: int, sh:
     """Sum window gradients ``(C*kh*kw, N*Ho*Wo)`` onto a zero grid of ``shape`` (N, C, H, W)."""
     xp = get_array_module(dcols)
     dx = xp.empty(shape, dcols.dtype)
-    _launch(_col2im_kernel, dx.size, dcols, dx, kh, kw, sh, sw, ho, wo, _zero(dx))
+    _launch(_col2im_kernel, dx.size, dcols, dx, kh, kw, sh, sw, ho, wo, _zero(dx), out=(1,))
     return dx
 
 
@@ -187,7 +230,7 @@ def conv2d_backward(x: Array, w: Array, dy: Array, k: tuple[int, int], s: tuple[
 
 
 # ------------------------------------------------------------------ pooling
-@cuda.jit
+@cuda.jit(cache=True)
 def _maxpool_kernel(x, y, arg, kh, kw, sh, sw):
     c_, ho, wo = y.shape[1:]
     start = cuda.grid(1)
@@ -205,28 +248,28 @@ def _maxpool_kernel(x, y, arg, kh, kw, sh, sw):
         arg[n, c, r, t] = where
 
 
-@cuda.jit
-def _avgpool_kernel(x, y, kh, kw, sh, sw, zero):
+@cuda.jit(cache=True)
+def _avgpool_kernel(x, y, kh, kw, sh, sw, area):
     c_, ho, wo = y.shape[1:]
     start = cuda.grid(1)
     for idx in range(start, y.size, cuda.gridsize(1)):
         n, c, r, t = _unravel(idx, c_, ho, wo)
-        acc = zero
+        acc = area - area  # zero of the data's dtype
         for i in range(kh):
             for j in range(kw):
                 acc += x[n, c, r * sh + i, t * sw + j]
-        y[n, c, r, t] = acc / (kh * kw)
+        y[n, c, r, t] = acc / area
 
 
-@cuda.jit
-def _pool_back_kernel(arg, dy, dx, kh, kw, sh, sw, zero, average):
+@cuda.jit(cache=True)
+def _pool_back_kernel(arg, dy, dx, kh, kw, sh, sw, area, average):
     """Gather each input's gradient: from every window (average) or the windows it is the max of."""
     c_, h, wd = dx.shape[1:]
     ho, wo = dy.shape[2], dy.shape[3]
     start = cuda.grid(1)
     for idx in range(start, dx.size, cuda.gridsize(1)):
         n, c, y, xx = _unravel(idx, c_, h, wd)
-        acc = zero
+        acc = area - area  # zero of the data's dtype
         for i in range(kh):
             r = _source(y, i, sh, ho)
             if r < 0:
@@ -235,7 +278,7 @@ def _pool_back_kernel(arg, dy, dx, kh, kw, sh, sw, zero, average):
                 t = _source(xx, j, sw, wo)
                 if t >= 0 and (average or arg[n, c, r, t] == i * kw + j):
                     acc += dy[n, c, r, t]
-        dx[n, c, y, xx] = acc / (kh * kw) if average else acc
+        dx[n, c, y, xx] = acc / area if average else acc
 
 
 def maxpool2d_forward(x: Array, k: tuple[int, int], s: tuple[int, int], ho: int, wo: int) -> Array:
@@ -249,7 +292,7 @@ def _maxpool(x: Array, k, s, ho: int, wo: int) -> tuple[Array, Array]:
     x = xp.ascontiguousarray(x)
     y = xp.empty(x.shape[:2] + (ho, wo), x.dtype)  # (N, C, Ho, Wo)
     arg = xp.empty(y.shape, np.int32)  # window offset i*kw + j of each maximum
-    _launch(_maxpool_kernel, y.size, x, y, arg, k[0], k[1], s[0], s[1])
+    _launch(_maxpool_kernel, y.size, x, y, arg, k[0], k[1], s[0], s[1], out=(1, 2))
     return y, arg
 
 
@@ -259,7 +302,8 @@ def maxpool2d_backward(x: Array, dy: Array, k: tuple[int, int], s: tuple[int, in
     _, arg = _maxpool(x, k, s, dy.shape[2], dy.shape[3])
     dx = xp.empty(x.shape, x.dtype)
     dy = xp.ascontiguousarray(dy).astype(x.dtype, copy=False)
-    _launch(_pool_back_kernel, dx.size, arg, dy, dx, k[0], k[1], s[0], s[1], _zero(dx), False)
+    _launch(_pool_back_kernel, dx.size, arg, dy, dx, k[0], k[1], s[0], s[1], _area(dx, k), False,
+            out=(2,))
     return dx
 
 
@@ -268,7 +312,7 @@ def avgpool2d_forward(x: Array, k: tuple[int, int], s: tuple[int, int], ho: int,
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x)
     y = xp.empty(x.shape[:2] + (ho, wo), x.dtype)
-    _launch(_avgpool_kernel, y.size, x, y, k[0], k[1], s[0], s[1], _zero(y))
+    _launch(_avgpool_kernel, y.size, x, y, k[0], k[1], s[0], s[1], _area(y, k), out=(1,))
     return y
 
 
@@ -279,12 +323,13 @@ def avgpool2d_backward(x_shape: tuple[int, ...], dy: Array, k: tuple[int, int], 
     dy = xp.ascontiguousarray(dy).astype(dtype, copy=False)
     dx = xp.empty(tuple(x_shape), dy.dtype)
     no_arg = xp.zeros((1, 1, 1, 1), np.int32)  # read only by max pooling
-    _launch(_pool_back_kernel, dx.size, no_arg, dy, dx, k[0], k[1], s[0], s[1], _zero(dx), True)
+    _launch(_pool_back_kernel, dx.size, no_arg, dy, dx, k[0], k[1], s[0], s[1], _area(dx, k), True,
+            out=(2,))
     return dx
 
 
 # ------------------------------------------------------------------ optimiser
-@cuda.jit
+@cuda.jit(cache=True)
 def _sgd_kernel(w, g, v, lr, momentum, weight_decay, nesterov):
     start = cuda.grid(1)
     for i in range(start, w.size, cuda.gridsize(1)):
@@ -304,8 +349,9 @@ def sgd_update_(w: Array, g: Array, v: Array | None, lr: float, momentum: float,
     # without momentum v is never read; a separate dummy, since NumPy arguments are copied to
     # the device and back one by one (an alias of w would be written back over it)
     flat_v = xp.empty(1, w.dtype) if v is None else v.reshape(-1)
+    scalar = np.dtype(w.dtype).type  # float32 weights step in float32, as NumPy's reference does
     _launch(_sgd_kernel, w.size, w.reshape(-1), xp.ascontiguousarray(g).reshape(-1), flat_v,
-            float(lr), float(momentum), float(weight_decay), bool(nesterov))
+            scalar(lr), scalar(momentum), scalar(weight_decay), bool(nesterov), out=(0, 2))
     return w, v
 
 

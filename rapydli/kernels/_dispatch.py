@@ -3,19 +3,21 @@
 - CPU: the Numba-compiled path (:mod:`rapydli.kernels._numba`) is taken when every array
   argument is a NumPy ``float32`` or ``float64`` array, all of one dtype.
 - GPU: the CUDA kernels (:mod:`rapydli.kernels._cuda`, ``numba.cuda``) are taken for CuPy
-  arrays of one float dtype when ``numba.cuda`` finds a device.
+  arrays of one float dtype when ``numba.cuda`` finds a device and a probe kernel runs on it
+  (once per process; where it cannot, a warning names why and CuPy's reference code serves).
 - Anything else (integer or mixed dtypes, Numba or a CUDA device missing) runs the reference
   implementations (``*_reference``), written against the NumPy API that CuPy shares.
 
 The environment variable ``RAPYDLI_KERNELS`` overrides the choice: ``numpy`` forces the
 reference kernels; ``cuda`` sends every window op (convolution, pooling) through the CUDA
-kernels, NumPy arrays included (Numba copies them to the device and back; under
+kernels, NumPy arrays included (copied to the device, the outputs copied back; under
 ``NUMBA_ENABLE_CUDASIM=1`` they run on the CUDA simulator, which is how CI tests them). The
 variable is read on every call, so it can be changed at run time.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -55,8 +57,17 @@ def _load_cuda() -> ModuleType | None:
     if _cuda_module is None:
         try:
             from rapydli.kernels import _cuda
+        except Exception:  # numba.cuda missing or broken: the reference kernels serve
+            _cuda_module = False
+            return None
+        try:
             usable = _cuda.simulated() or _cuda.cuda.is_available()
-        except Exception:  # numba.cuda missing, or no driver/toolkit: the reference kernels serve
+            if usable:
+                _cuda.probe()  # once per process: compile and run a tiny kernel
+        except Exception as exc:  # e.g. a driver too old for the compiler's PTX
+            warnings.warn(f"the CUDA kernels cannot run here ({type(exc).__name__}: {exc}); the "
+                          f"GPU path uses the CuPy reference kernels instead", RuntimeWarning,
+                          stacklevel=3)
             usable = False
         _cuda_module = _cuda if usable else False
     return _cuda_module or None
@@ -113,9 +124,15 @@ def gpu(*arrays: Any) -> ModuleType | None:
     if mode == "cuda":
         module = _load_cuda()
         if module is None:
-            raise ConfigError(f"{ENV_VAR}=cuda, but numba.cuda finds no CUDA device here; unset "
-                               f"{ENV_VAR}, or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels "
-                               f"on the simulator")
+            raise ConfigError(f"{ENV_VAR}=cuda, but numba.cuda finds no usable CUDA device here; "
+                               f"unset {ENV_VAR}, or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA "
+                               f"kernels on the simulator")
+        on_device = [_is_cupy(a) for a in arrays if a is not None]
+        if any(on_device) and module.simulated():
+            raise ConfigError("CuPy arrays cannot run on the CUDA simulator; unset "
+                              "NUMBA_ENABLE_CUDASIM to run the CUDA kernels on the device")
+        if any(on_device) and not all(on_device):
+            return None  # NumPy and CuPy arrays mixed: the reference kernels name the mistake
         return module
     module = _load_cuda()
     # CuPy arrays live on a real device: never hand them to the simulator

@@ -82,10 +82,15 @@ def sgd_update_(
     >>> w2 is w, w, v
     (True, array([0.95]), array([0.5]))
     """
+    if tuple(g.shape) != tuple(w.shape):  # checked before any kernel reads g by w's size
+        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
+                         f"{tuple(w.shape)}")
+    if v is not None and tuple(v.shape) != tuple(w.shape):
+        raise ShapeError(f"momentum buffer shape {tuple(v.shape)} differs from weight shape "
+                         f"{tuple(w.shape)}")
     if momentum and v is None:
         v = get_array_module(w).zeros_like(w)
-    owned = (v is None or tuple(v.shape) == tuple(w.shape)) and w.flags.c_contiguous \
-        and (v is None or v.flags.c_contiguous)
+    owned = w.flags.c_contiguous and (v is None or v.flags.c_contiguous)
     cu = gpu(w, g, v) if owned else None
     if cu is not None:
         return cu.sgd_update_(w, g, v, lr, momentum, weight_decay, nesterov)
