@@ -27,8 +27,13 @@ Steps go into task graphs as ``fit`` puts them by default (``--steps-per-task au
 A second table says where the CPU went in the timed rounds of the large MLPs, per step
 (psutil's per-thread CPU times): the client process (client and scheduler), each worker's
 busiest thread (the one running the step tasks: kernels, and posting and taking tiles in a
-direct exchange) and its other threads (event loop: messages, heartbeats, monitors). On a
-2-core machine the total against ``2 x step time`` shows whether the cores were the limit.
+direct exchange) and its other threads (event loop: messages, heartbeats, monitors), the
+workers' nanny processes, and the other cluster's processes, idle meanwhile. On a 2-core
+machine the total against ``2 x step time`` shows whether the cores were the limit.
+How to read it: CPU figures are means over the timed rounds while step times are medians;
+a thread that exits within a round is not counted; both clusters' schedulers live in the
+client process, so the idle one's count under "client"; the two workers are listed by
+process, not by mesh position.
 
     python benchmarks/scaling.py [--rounds 5] [--steps 24] [--mp-steps 3] [--mp-batch 256]
 """
@@ -81,9 +86,10 @@ def cpu_times(pids) -> dict:
     return out
 
 
-def cpu_row(name, cpu, step, client_pid, run_pids, idle_pids) -> list:
+def cpu_row(name, cpu, step, client_pid, run_pids, idle_pids, nanny_pids) -> list:
     """One row of the CPU table: ms per step by role (see the module docstring); ``run_pids``
-    are the workers of the run's cluster, ``idle_pids`` those of the other one."""
+    are the workers of the run's cluster, ``idle_pids`` the other one's workers and nannies,
+    ``nanny_pids`` the nannies of ``run_pids``."""
     def ms(x):
         return f"{x * 1e3:.0f}"
 
@@ -94,9 +100,18 @@ def cpu_row(name, cpu, step, client_pid, run_pids, idle_pids) -> list:
     client = sum(v for (pid, _), v in cpu.items() if pid == client_pid)
     workers = of(run_pids)
     idle = sum(sum(threads) for threads in of(idle_pids))
+    nannies = sum(sum(threads) for threads in of(nanny_pids))
     return [name, ms(client), " + ".join(ms(t[0]) for t in workers),
-            " + ".join(ms(sum(t[1:])) for t in workers), ms(idle), ms(sum(cpu.values())),
-            ms(2 * step)]
+            " + ".join(ms(sum(t[1:])) for t in workers), ms(nannies), ms(idle),
+            ms(sum(cpu.values())), ms(2 * step)]
+
+
+def nanny_of(pid: int) -> list:
+    """The nanny process of worker process ``pid`` (its parent), unless that is this process."""
+    import psutil
+
+    parent = psutil.Process(pid).ppid()
+    return [] if parent == os.getpid() else [parent]
 
 
 def side_by_side(engines, indices, sizes) -> float:
@@ -154,7 +169,9 @@ def main() -> None:
     c2 = C.cluster_client(2, 1)
     c2_workers = sorted(c2.scheduler_info()["workers"])
     worker_pids = {"1": list(c1.run(os.getpid).values()), "2": list(c2.run(os.getpid).values())}
-    pids = [os.getpid(), *worker_pids["1"], *worker_pids["2"]]
+    nanny_pids = {k: [n for p in v for n in nanny_of(p)] for k, v in worker_pids.items()}
+    pids = [os.getpid(), *worker_pids["1"], *worker_pids["2"], *nanny_pids["1"],
+            *nanny_pids["2"]]
     print(f"worker thread pools: 1-worker cluster {C.worker_blas_threads(c1)}; "
           f"2-worker cluster {C.worker_blas_threads(c2)}")
     cases = [("data parallel", C.mlp(), args.batch, args.steps, rd.data_parallel(2), 1.7)]
@@ -207,9 +224,11 @@ def main() -> None:
                 for key in t:
                     name = f"{label}, {key[0]} worker{'s' if key[0] == '2' else ''}" + (
                         "" if key[1] == "-" else f", {'side by side' if key[1] == 'none' else key[1]}")
+                    other = "2" if key[0] == "1" else "1"
                     cpu_rows.append(cpu_row(name, cpu[key], t[key], os.getpid(),
                                             worker_pids[key[0]],
-                                            worker_pids["2" if key[0] == "1" else "1"]))
+                                            worker_pids[other] + nanny_pids[other],
+                                            nanny_pids[key[0]]))
             for engine in [*engines.values(), *(pair[1] if pair else [])]:
                 engine.close()
     finally:
@@ -220,12 +239,13 @@ def main() -> None:
     print(C.table(["placement", "MLP", "batch", "workers", "exchange", "tasks/step", "step ms",
                    "samples/s", "speedup", "efficiency", "goal"], rows,
                   ["<", "<", ">", ">", "<", ">", ">", ">", ">", ">", ">"]))
-    print("\nCPU per step (ms) in the timed rounds: client process (client + scheduler), each "
-          "worker's busiest thread (step tasks) and its other threads (event loop), the idle "
-          "cluster's workers")
-    print(C.table(["run", "client", "worker task threads", "worker other threads",
+    print("\nCPU per step (ms) in the timed rounds (means; step times above are medians): "
+          "client process (client + both schedulers), each worker's busiest thread (step "
+          "tasks) and its other threads (event loop), the workers' nannies, the idle "
+          "cluster's workers and nannies")
+    print(C.table(["run", "client", "worker task threads", "worker other threads", "nannies",
                    "idle cluster", "total", "2 cores x step"], cpu_rows,
-                  ["<", ">", ">", ">", ">", ">", ">"]))
+                  ["<", ">", ">", ">", ">", ">", ">", ">"]))
     for label, goal, speedup in goals:
         print(C.goal_line(f"{label} speedup >= {goal}x", speedup >= goal))
     for label, speedup in ceilings:
