@@ -147,6 +147,17 @@ _FALLBACKS = {
 _TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-12}, np.float32: {"rtol": 2e-4, "atol": 2e-5}}
 
 
+needs_cuda = pytest.mark.skipif(not _dispatch.cuda_available(),
+                                reason="no CUDA device and no CUDA simulator")
+
+
+def _use(impl, monkeypatch):
+    """Point the dispatch at ``impl``: "numba" (the default), "reference" or "cuda"."""
+    if impl == "cuda" and not _dispatch.cuda_available():
+        pytest.skip("no CUDA device and no CUDA simulator")
+    monkeypatch.setenv(_dispatch.ENV_VAR, {"numba": "", "reference": "numpy", "cuda": "cuda"}[impl])
+
+
 def _no_fallback(*args, **kwargs):
     raise AssertionError("the compiled path fell back to the NumPy/CuPy reference")
 
@@ -163,7 +174,7 @@ def test_kernel_matches_reference(case, dt, impl, layout, monkeypatch):
     _matches_reference(case, dt, impl, monkeypatch, layout)
 
 
-@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@needs_cuda
 @pytest.mark.parametrize("layout", ["c", "readonly", "strided-readonly"])
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("conv", "pool", "sgd"))])
@@ -189,14 +200,11 @@ def _matches_reference(case, dt, impl, monkeypatch, layout="c"):
     args64 = make(np.random.default_rng(sorted(CASES).index(case)))
     want = _flat(call(R, args64))
     args = {k: v.astype(dt) if v.dtype.kind == "f" else v for k, v in args64.items()}
-    if layout != "c":  # a kernel must neither need a copy nor write into its inputs
+    if layout != "c":  # a kernel must take read-only and strided inputs, never writing into them
         args = {k: _layout(v, layout) for k, v in args.items()}
     before = {k: v.copy() for k, v in args.items()}
-    if impl == "reference":
-        monkeypatch.setenv(_dispatch.ENV_VAR, "numpy")
-    else:
-        monkeypatch.setenv(_dispatch.ENV_VAR, "cuda") if impl == "cuda" else \
-            monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    _use(impl, monkeypatch)
+    if impl != "reference":
         for module, names in _FALLBACKS.items():
             for name in names:
                 monkeypatch.setattr(module, name, _no_fallback)
@@ -235,12 +243,10 @@ def test_dispatch_rules(monkeypatch):
 @pytest.mark.parametrize("momentum,wd,nesterov,with_v", [(0.9, 0.01, True, True), (0.9, 0.0, False, False),
                                                         (0.0, 0.01, False, False)])
 def test_inplace_sgd_equals_the_pure_step(impl, dt, momentum, wd, nesterov, with_v, monkeypatch):
-    if impl == "cuda" and not _dispatch.cuda_available():
-        pytest.skip("no CUDA device and no CUDA simulator")
     rng = np.random.default_rng(3)
     w, g, v = (_rnd(rng, 5, 3).astype(dt) for _ in range(3))
     want_w, want_v = R.sgd_update(w, g, v if with_v else None, 0.1, momentum, wd, nesterov)
-    monkeypatch.setenv(_dispatch.ENV_VAR, {"numba": "", "reference": "numpy", "cuda": "cuda"}[impl])
+    _use(impl, monkeypatch)
     if impl != "reference":  # the fast paths must not fall back
         monkeypatch.setattr(optim, "sgd_update_reference", _no_fallback)
     w2, v2 = w.copy(), (v.copy() if with_v else None)
@@ -269,9 +275,7 @@ def test_gpu_dispatch_rules(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["numba", "reference", "cuda"])
 def test_inplace_sgd_rejects_mismatched_shapes_before_any_kernel_runs(impl, monkeypatch):
-    if impl == "cuda" and not _dispatch.cuda_available():
-        pytest.skip("no CUDA device and no CUDA simulator")
-    monkeypatch.setenv(_dispatch.ENV_VAR, {"numba": "", "reference": "numpy", "cuda": "cuda"}[impl])
+    _use(impl, monkeypatch)
     w = np.ones((4, 3), np.float32)
     with pytest.raises(ShapeError, match=r"gradient shape \(3, 4\) differs from weight shape"):
         optim.sgd_update_(w, np.ones((3, 4), np.float32), None, 0.1)
@@ -286,7 +290,7 @@ class _FakeCupyArray:
     dtype = np.dtype(np.float32)
 
 
-@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@needs_cuda
 def test_gpu_dispatch_keeps_device_arrays_off_the_simulator(monkeypatch):
     from rapydli.kernels import _cuda
 
@@ -320,14 +324,14 @@ def test_cuda_kernels_that_cannot_run_fall_back_with_a_warning(monkeypatch):
     assert _dispatch.gpu(_FakeCupyArray()) is None
 
 
-@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@needs_cuda
 def test_cuda_probe_runs_a_kernel():
     from rapydli.kernels import _cuda
 
     _cuda.probe()  # raises unless the kernel wrote 1..4
 
 
-@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@needs_cuda
 def test_cuda_window_gradients_match_finite_differences(monkeypatch):
     from gradcheck import check_grad
 
@@ -348,7 +352,7 @@ def test_cuda_window_gradients_match_finite_differences(monkeypatch):
         check_grad(lambda x, fwd=fwd, r=r: float((fwd(x, 3, 2) * r).sum()), {"x": x}, {"x": got})
 
 
-@pytest.mark.skipif(not _dispatch.cuda_available(), reason="no CUDA device and no CUDA simulator")
+@needs_cuda
 def test_cnn_gradients_through_the_cuda_kernels_equal_the_cpu_ones(monkeypatch):
     import rapydli as rd
 

@@ -28,7 +28,7 @@ from numba import config as _numba_config
 from numba import cuda
 from numba.core.errors import NumbaPerformanceWarning
 
-from rapydli.kernels.backend import get_array_module
+from rapydli.kernels.backend import get_array_module, is_cupy
 
 __all__ = [
     "avgpool2d_backward",
@@ -63,10 +63,6 @@ def simulated() -> bool:
     return bool(_numba_config.ENABLE_CUDASIM)
 
 
-def _is_cupy(a: Any) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
-
-
 def _zero(a: Array):
     """A zero scalar of ``a``'s dtype: the accumulator's start, so it keeps that dtype."""
     return np.dtype(a.dtype).type(0)
@@ -88,12 +84,12 @@ def _launch(kernel, total: int, *args, out: tuple[int, ...] = ()) -> None:
         return
     blocks = min((total + THREADS - 1) // THREADS, 2 if simulated() else _MAX_BLOCKS)
     threads = 32 if simulated() else THREADS
-    if any(_is_cupy(a) for a in args):
+    if any(is_cupy(a) for a in args):
         import cupy
 
         stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
         # same stream as CuPy's kernels: ordered after them without waiting on the host
-        args = tuple(cuda.as_cuda_array(a, sync=False) if _is_cupy(a) else a for a in args)
+        args = tuple(cuda.as_cuda_array(a, sync=False) if is_cupy(a) else a for a in args)
         kernel[blocks, threads, stream](*args)
         return
     dev = [cuda.to_device(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a

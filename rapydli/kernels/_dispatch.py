@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from rapydli.errors import ConfigError
+from rapydli.kernels.backend import is_cupy
 
 __all__ = ["ENV_VAR", "contiguous", "cuda_available", "fast", "gpu", "numba_available"]
 
@@ -99,10 +100,6 @@ def _one_float_dtype(arrays: tuple, kind: type | None) -> bool:
     return True
 
 
-def _is_cupy(a: Any) -> bool:
-    return a is None or type(a).__module__.split(".")[0] == "cupy"
-
-
 def fast(*arrays: Any) -> ModuleType | None:
     """The compiled-kernel module when ``arrays`` (None entries skipped) qualify, else None."""
     if _mode() in ("numpy", "cuda") or not _one_float_dtype(arrays, np.ndarray):
@@ -117,7 +114,7 @@ def gpu(*arrays: Any) -> ModuleType | None:
     with ``RAPYDLI_KERNELS=cuda``, arrays of any kind of one float dtype.
     """
     mode = _mode()
-    if mode == "numpy" or (mode != "cuda" and not all(_is_cupy(a) for a in arrays)):
+    if mode == "numpy" or (mode != "cuda" and not all(a is None or is_cupy(a) for a in arrays)):
         return None  # the common case, NumPy arrays, leaves at once
     if not _one_float_dtype(arrays, None):
         return None
@@ -127,7 +124,7 @@ def gpu(*arrays: Any) -> ModuleType | None:
             raise ConfigError(f"{ENV_VAR}=cuda, but numba.cuda finds no usable CUDA device here; "
                                f"unset {ENV_VAR}, or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA "
                                f"kernels on the simulator")
-        on_device = [_is_cupy(a) for a in arrays if a is not None]
+        on_device = [is_cupy(a) for a in arrays if a is not None]
         if any(on_device) and module.simulated():
             raise ConfigError("CuPy arrays cannot run on the CUDA simulator; unset "
                               "NUMBA_ENABLE_CUDASIM to run the CUDA kernels on the device")

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["available_backends", "get_array_module"]
+__all__ = ["available_backends", "get_array_module", "is_cupy"]
 
 
 def _cupy() -> ModuleType | None:
@@ -19,6 +19,11 @@ def _cupy() -> ModuleType | None:
         return importlib.import_module("cupy")
     except ImportError:  # not installed, or its CUDA libraries are missing
         return None
+
+
+def is_cupy(x: Any) -> bool:
+    """Whether ``x`` is a CuPy object (told by its type's module: CuPy is never imported)."""
+    return type(x).__module__.split(".")[0] == "cupy"
 
 
 def get_array_module(x: Any) -> ModuleType:
@@ -40,7 +45,7 @@ def get_array_module(x: Any) -> ModuleType:
     >>> get_array_module(np.zeros(3)).__name__
     'numpy'
     """
-    if type(x).__module__.split(".")[0] == "cupy":
+    if is_cupy(x):
         cp = _cupy()
         if cp is not None:
             return cp.get_array_module(x)

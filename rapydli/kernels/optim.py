@@ -17,6 +17,12 @@ __all__ = ["sgd_update", "sgd_update_", "sgd_update_reference"]
 Array = Any
 
 
+def _check_gradient(w: Array, g: Array) -> None:
+    if tuple(g.shape) != tuple(w.shape):
+        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
+                         f"{tuple(w.shape)}")
+
+
 def sgd_update(
     w: Array, g: Array, v: Array | None, lr: float, momentum: float = 0.0,
     weight_decay: float = 0.0, nesterov: bool = False,
@@ -50,9 +56,7 @@ def sgd_update(
     >>> w, v
     (array([0.95]), array([0.5]))
     """
-    if tuple(g.shape) != tuple(w.shape):
-        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
-                         f"{tuple(w.shape)}")
+    _check_gradient(w, g)
     same = v is None or tuple(v.shape) == tuple(w.shape)
     cu = gpu(w, g, v) if same else None
     if cu is not None:
@@ -82,9 +86,7 @@ def sgd_update_(
     >>> w2 is w, w, v
     (True, array([0.95]), array([0.5]))
     """
-    if tuple(g.shape) != tuple(w.shape):  # checked before any kernel reads g by w's size
-        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
-                         f"{tuple(w.shape)}")
+    _check_gradient(w, g)  # before any kernel reads g by w's size
     if v is not None and tuple(v.shape) != tuple(w.shape):
         raise ShapeError(f"momentum buffer shape {tuple(v.shape)} differs from weight shape "
                          f"{tuple(w.shape)}")
@@ -113,9 +115,7 @@ def sgd_update_reference(
 ) -> tuple[Array, Array | None]:
     """NumPy/CuPy reference of :func:`sgd_update`."""
     xp = get_array_module(w)
-    if tuple(g.shape) != tuple(w.shape):
-        raise ShapeError(f"gradient shape {tuple(g.shape)} differs from weight shape "
-                         f"{tuple(w.shape)}")
+    _check_gradient(w, g)
     g2 = g + weight_decay * w if weight_decay else g
     if momentum:
         v_new = g2 if v is None else momentum * v + g2
