@@ -130,6 +130,7 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
     size = steps_per_task if isinstance(steps_per_task, TaskSize) else \
         TaskSize(steps_per_task, distributed=True)
     limit = MAX_IN_FLIGHT if max_in_flight is None else max_in_flight
+    size.pause()  # other runs came between this call and the last: time none of it
     pending: list = []
     start = time.perf_counter()
     i = 0

@@ -3,7 +3,8 @@
 For each model (MLP 784-1024-1024-10, LeNet-5 on 1x28x28, autoencoder 196-1024-196 with
 sigmoid units and mse loss) on synthetic float32 data, batch 256, SGD(lr=0.01, momentum=0.9):
 rounds alternate rapydli (in-process Engine: the step's Dask task graph run by dask's
-synchronous scheduler; with --cluster also a LocalCluster of 1 worker process with T threads)
+synchronous scheduler; with --cluster also a LocalCluster of 1 worker process with T threads,
+steps grouped into tasks as ``fit`` groups them by default, ``steps_per_task="auto"``)
 and the equivalent torch ``nn.Sequential`` (``torch.optim.SGD``, ``F.cross_entropy`` /
 ``F.mse_loss``), k steps each, after one warm-up round. Prints median samples/s and the ratio
 rapydli / PyTorch per model, then the GFLOP/s of ``rapydli.kernels.dense_forward`` /
@@ -13,7 +14,7 @@ Goals: samples/s ratio rapydli / PyTorch >= 1.0 for every model; dense kernels >
 NumPy matmul rate. Last, the peak memory of training steps per framework (each in a fresh
 process, above what data and parameters hold).
 
-    python benchmarks/compare_torch.py [--threads 2] [--rounds 5] [--steps 5] [--cluster]
+    python benchmarks/compare_torch.py [--threads 2] [--rounds 5] [--steps 32] [--cluster]
 
 The script re-executes itself with OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS=T when they differ.
 """
@@ -77,6 +78,8 @@ class TorchRunner:
 def compare(args, client):
     import torch
 
+    from rapydli.trainer import TaskSize
+
     rows = []
     ratios = {}
     for name in args.models:
@@ -85,12 +88,16 @@ def compare(args, client):
         if client is not None:
             runners["rapydli LocalCluster 1 worker"] = C.make_engine(net, client=client,
                                                                       n_samples=args.samples)
+        # steps per task as fit sizes them by default ("auto": one step in-process, as many
+        # as fill TASK_SECONDS on a cluster), kept from round to round as fit keeps them
+        sizes = {key: TaskSize("auto", distributed=engine.client is not None)
+                 for key, engine in runners.items()}
         peer = TorchRunner(name, net, args.samples, 0.01, 0.9)
         times = {key: [] for key in (*runners, "pytorch")}
         for r in range(args.rounds + 1):  # round 0 is the warm-up
             indices = C.batches(args.samples, args.batch, args.steps, start=r * args.steps)
             for key, engine in runners.items():
-                seconds = C.run_steps(engine, indices)
+                seconds = C.run_steps(engine, indices, steps_per_task=sizes[key])
                 if r:
                     times[key].append(seconds)
             seconds = peer.run(indices)
@@ -99,7 +106,9 @@ def compare(args, client):
         rate = {k: args.steps * args.batch / C.median(ts) for k, ts in times.items()}
         for key in runners:
             ratios[(name, key)] = rate[key] / rate["pytorch"]
-            rows.append([name, key, runners[key].plan(args.batch, "train").n_tasks,
+            k = sizes[key].steps
+            rows.append([name, key, f"{runners[key].plan(args.batch, 'train', k).n_tasks / k:.2f}"
+                         f" ({k})",
                          f"{rate[key]:,.0f}", f"{rate['pytorch']:,.0f}",
                          f"{ratios[(name, key)]:.2f}"])
         for engine in runners.values():
@@ -232,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="T: torch and BLAS threads")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
-    parser.add_argument("--steps", type=int, default=5, help="k: steps per run per round")
+    parser.add_argument("--steps", type=int, default=32, help="k: steps per run per round")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--samples", type=int, default=2048, help="synthetic dataset size")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
