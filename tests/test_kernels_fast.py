@@ -379,3 +379,28 @@ def test_cnn_gradients_through_the_cuda_kernels_equal_the_cpu_ones(monkeypatch):
     assert grads.keys() == cpu_grads.keys()
     for key, value in grads.items():
         np.testing.assert_allclose(value, cpu_grads[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("impl", ["numba", "cuda"])
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), ((2, 3), (1, 2))])
+def test_max_pooling_ties_and_nan_follow_the_reference(impl, dt, size, stride, monkeypatch):
+    """Ties go to the first maximum in row-major window order and a NaN wins its windows
+    (the first NaN, where there are several), in the forward values and in the gradient's
+    routing, whether windows tile the input or overlap; planes without NaN beside planes
+    with one."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, (3, 2, 7, 8)).astype(dt)  # few values: many ties
+    x[0, 1, 2, 3] = x[0, 1, 3, 5] = x[2, 0, 0, 0] = np.nan
+    x[1, 0, 4:6, 4:6] = -np.inf
+    expected_y = R.maxpool2d_forward(x, size, stride)
+    dy = rng.standard_normal(expected_y.shape).astype(dt)
+    expected_dx = R.maxpool2d_backward(x, expected_y, dy, size, stride)
+    assert np.isnan(expected_y).any() and not np.isnan(expected_y[1]).any()
+    _use(impl, monkeypatch)
+    monkeypatch.setattr(pool, "maxpool2d_forward_reference", _no_fallback)
+    monkeypatch.setattr(pool, "maxpool2d_backward_reference", _no_fallback)
+    y = K.maxpool2d_forward(x, size, stride)
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_allclose(K.maxpool2d_backward(x, y, dy, size, stride), expected_dx,
+                               rtol=1e-6 if dt == np.float32 else 1e-12)
