@@ -14,7 +14,7 @@ Goals: samples/s ratio rapydli / PyTorch >= 1.0 for every model; dense kernels >
 NumPy matmul rate. Last, the peak memory of training steps per framework (each in a fresh
 process, above what data and parameters hold).
 
-    python benchmarks/compare_torch.py [--threads 2] [--rounds 5] [--steps 32] [--cluster]
+    python benchmarks/compare_torch.py [--threads 2] [--rounds 5] [--steps 64] [--cluster]
 
 The script re-executes itself with OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS=T when they differ.
 """
@@ -241,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="T: torch and BLAS threads")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
-    parser.add_argument("--steps", type=int, default=32, help="k: steps per run per round")
+    parser.add_argument("--steps", type=int, default=64, help="k: steps per run per round")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--samples", type=int, default=2048, help="synthetic dataset size")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

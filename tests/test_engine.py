@@ -291,3 +291,37 @@ def test_arrays_sent_over_tcp_reach_the_kernels_aligned(problem):
         got, want = engine.get_params(), ref.get_params()
         for key in want:
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_task_lets_go_of_each_value_after_its_last_reader():
+    """An unrolled task of k steps holds one step's tiles at a time, not all k steps': each
+    value is released once the last op reading it ran (an output nothing reads, right away),
+    while what the task returns is kept."""
+    import weakref
+
+    from rapydli.graph.ops import run_fused
+
+    alive: dict[str, weakref.ref] = {}
+
+    def make(tag):
+        def fn(*inputs):
+            out = np.full(4, float(len(inputs)))
+            alive[tag] = weakref.ref(out)
+            return out
+        return fn
+
+    seen = []
+
+    def look(*inputs):
+        seen.append(sorted(t for t, ref in alive.items() if ref() is not None))
+        return np.zeros(1)
+
+    program = (("a", make("a"), ((0, ()),), {}, ()),
+               ("b", make("b"), (("a", ()),), {}, ()),
+               ("c", look, (("b", ()),), {}, ()),  # a's last reader was b
+               ("d", make("d"), (), {}, ()),  # nothing reads d
+               ("e", make("e"), (("b", ()),), {}, ()),
+               ("f", look, (), {}, ()))
+    out = run_fused(program, ("e", "f"), np.ones(2))
+    assert seen == [["b"], ["e"]]  # b went after e read it; e is kept: it is returned
+    assert set(out) == {"e", "f"} and alive["e"]() is not None

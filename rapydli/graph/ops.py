@@ -211,7 +211,8 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
     """
     env: dict[Any, Any] = dict(enumerate(values))
     seconds = _OP_SECONDS
-    for key, fn, slots, kwargs, post in program:
+    drops = _drops(program, keep)
+    for i, (key, fn, slots, kwargs, post) in enumerate(program):
         if exchange is not None and not post:  # tiles posted by the ops just run leave now
             exchange.flush()
         args = []
@@ -227,9 +228,29 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
             seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - start
         if post:
             exchange.post(key, env[key], post)
+        for done in drops[i]:  # read for the last time: an unrolled task holds one step's tiles
+            del env[done]
     if exchange is not None:
         exchange.finish()
     return {k: env[k] for k in keep}
+
+
+def _drops(program: tuple, keep: tuple) -> list[list]:
+    """For each op of ``program``, the values :func:`run_fused` no longer needs once it ran:
+    the inputs it was the last to read and its own output when nothing reads it, except what
+    ``keep`` returns. Without this, an unrolled task of k steps held all k steps' activations
+    and gradients until it ended."""
+    last: dict[Any, int] = {}
+    for i, (key, _, slots, _, _) in enumerate(program):
+        last.setdefault(key, i)  # an output nothing reads goes right after its op
+        for src, _ in slots:
+            last[src] = i
+    kept = set(keep)
+    drops: list[list] = [[] for _ in program]
+    for src, i in last.items():
+        if src not in kept:
+            drops[i].append(src)
+    return drops
 
 
 #: seconds per op function added up by :func:`run_fused` while :func:`time_ops` is on
