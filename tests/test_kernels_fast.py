@@ -120,7 +120,7 @@ CASES = {  # name -> (call(module, arrays) -> outputs, make(rng) -> float64 arra
     "conv-s1-k2x4-p12": _conv((2, 3, 6, 9), (5, 3, 2, 4), 1, (1, 2)),  # wide-row dx, < 5 taps
     "conv-gemm-s21-p01": _conv((3, 6, 8, 7), (7, 6, 3, 3), (2, 1), (0, 1)),
     "conv-s1-dw-blocks": _conv((19, 2, 10, 9), (5, 2, 5, 5), 1, 0),  # conv_dw_s1: 3 blocks, odd O
-    "conv-gemm-s1-big-w": _conv((2, 8, 6, 6), (24, 8, 5, 5), 1, 2),  # w.size > _DW_S1_MAX: GEMM dw
+    "conv-gemm-s1-big-w": _conv((2, 8, 6, 6), (24, 8, 5, 5), 1, 2),  # w.size > _DIRECT_S1_MAX: GEMM
     "pool-2x2": _pool((2, 3, 6, 6), 2, 2),
     "pool-overlap": _pool((2, 2, 7, 7), 3, 2),
     "pool-rect-batch1": _pool((1, 2, 5, 8), (2, 3), (1, 2)),

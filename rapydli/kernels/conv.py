@@ -95,10 +95,7 @@ def conv2d_forward(
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
     w = contiguous(w)
     bias = contiguous(b) if b is not None else np.empty(0, x.dtype)
-    algo = _algo(x.shape[1], w.shape[0], k, ho, wo)
-    if s == (1, 1) and FORCE_ALGO is None and w.size <= _DW_S1_MAX:
-        algo = "direct"  # as in the backward pass: no window matrix to write and read back
-    if algo == "gemm":
+    if _algo(x.shape[1], w.shape[0], k, s, w.size) == "gemm":
         cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
         yt = w.reshape(w.shape[0], -1) @ cols  # (O, N*Ho*Wo)
         return nb.onp_to_nop_bias(yt, bias, x.shape[0], ho, wo)  # (N, O, Ho, Wo)
@@ -175,8 +172,8 @@ def conv2d_backward(
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
     w, dy = contiguous(w), contiguous(dy)
     dx = None
-    algo = _algo(c, w.shape[0], k, ho, wo)
-    if s == (1, 1) and (algo == "direct" or (FORCE_ALGO is None and w.size <= _DW_S1_MAX)):
+    algo = _algo(c, w.shape[0], k, s, w.size)
+    if s == (1, 1) and algo == "direct":
         dw, db = nb.conv_dw_s1(xpad, dy, k[0], k[1])  # (O, C, kh, kw), (O,)
         if need_dx:
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
@@ -205,17 +202,20 @@ def conv2d_backward(
 #: largest weight (O*C*kh*kw) whose stride-1 convolution skips im2col + GEMM: the forward pass
 #: runs ``conv_forward_s1`` and the gradient ``conv_dw_s1`` (direct products, no window matrix);
 #: LeNet-5's conv2 has 2,400 (forward 1.0 ms direct against 1.3-2.5 ms im2col + GEMM, batch 256)
-_DW_S1_MAX = 4096
+_DIRECT_S1_MAX = 4096
 
 #: override of the algorithm choice ("direct" or "gemm"), for benchmarks and tests; None: automatic
 FORCE_ALGO: str | None = None
 
 
-def _algo(c: int, o: int, k: tuple[int, int], ho: int, wo: int) -> str:
-    """``'direct'`` or ``'gemm'`` (im2col + BLAS) for the compiled path, by shape."""
+def _algo(c: int, o: int, k: tuple[int, int], s: tuple[int, int], w_size: int) -> str:
+    """``'direct'`` or ``'gemm'`` (im2col + BLAS) for the compiled path, forward and backward,
+    by shape: direct for few inputs per window or few outputs, and for small stride-1 weights
+    (:data:`_DIRECT_S1_MAX`)."""
     if FORCE_ALGO is not None:
         return FORCE_ALGO
-    return "direct" if c * k[0] * k[1] <= 32 or o <= 4 else "gemm"
+    small = c * k[0] * k[1] <= 32 or o <= 4 or (s == (1, 1) and w_size <= _DIRECT_S1_MAX)
+    return "direct" if small else "gemm"
 
 
 def _check_dy(x: Array, w: Array, dy: Array, hw: tuple[int, int]) -> None:
