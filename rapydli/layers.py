@@ -33,6 +33,7 @@ from rapydli.kernels import (
     maxpool2d_backward,
     maxpool2d_forward,
 )
+from rapydli.kernels.dense import dense_backward_input, dense_backward_params
 from rapydli.kernels.local import (
     CONTRAST_FLOOR,
     L2POOL_EPS,
@@ -189,6 +190,17 @@ class Dense(Layer):
         if self.use_bias:
             grads["bias"] = db
         return dx, grads
+
+    def backward_input(self, x, y, params, dy):
+        dz = _unapply_activation(self.activation, y, dy)
+        return dense_backward_input(dz, params["weight"], x.dtype), dz
+
+    def backward_params(self, x, dz, params):
+        dw, db = dense_backward_params(x, dz, params["weight"].dtype)
+        grads = {"weight": dw}
+        if self.use_bias:
+            grads["bias"] = db
+        return grads
 
     def flops(self, out_shape, input_shape):
         return 2 * int(np.prod(out_shape)) * input_shape[0]

@@ -61,33 +61,42 @@ def test_a_one_worker_plan_has_no_mail():
 
 def test_the_earliest_posted_gradients_are_summed_first():
     """Among ops that read posted tiles, the one whose tiles left earliest runs first: the
-    last layer's gradients (computed first) are summed and applied while the first layer's
-    are still on their way; the order is the same however often it is computed."""
+    first layer's gradients, which the next step needs first and which leave first (see
+    below), are summed and applied while the later layers' are still on their way; the order
+    is the same however often it is computed."""
     graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
     mail = mail_sends(graph)
     order = mail_order(graph, mail)
     sums = [k.split(".")[0] for k in order if graph.op(k).kind == "reduce"
             and graph.op(k).worker == 0 and ".weight/" in k]
-    assert sums == ["2", "1", "0"]
+    assert sums == ["0", "1", "2"]
     assert mail_order(lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER),
                       mail) == order
 
 
-def test_gradients_leave_before_the_first_layer_computes_its_own():
-    """Mail sends run as soon as their tile exists: the last layers' gradients are on their
-    way while the first layer's backward still computes (the transfer overlaps it)."""
+def test_weight_gradients_leave_lowest_layer_first_after_the_input_gradients():
+    """In data parallel a layer's backward pass is two ops: the input gradient, which the
+    layers below wait for, and the weight gradients, which only the sums wait for. Each worker
+    runs the chain of input gradients first, then the weight gradients from the first layer up
+    (the next step's forward pass needs them in that order), and posts each right after it
+    is computed, so its transfer overlaps the weight gradients still to compute."""
     graph = lower(_mlp(), rd.data_parallel(2), 32, "train", OPTIMIZER)
     mail = mail_sends(graph)
     order = [k for k in mail_order(graph, mail) if graph.op(k).worker == 0]
-    first_backward = order.index("0/bwd/t0")
-    sent_before = [k for k in order[:first_backward] if k in mail]
-    assert {graph.op(graph.op(k).inputs[0].key).layer for k in sent_before} == {"1", "2"}
+    backward = [k for k in order if graph.op(k).phase == "backward"]
+    fns = [graph.op(k).fn.__name__ for k in backward]
+    assert fns == ["backward_input_task", "backward_input_task", "backward_task",
+                   "backward_params_task", "backward_params_task"]
+    assert [graph.op(k).layer for k in backward] == ["2", "1", "0", "1", "2"]
     for k in mail:  # each send right after what it sends (only other sends in between)
         op = graph.op(k)
         if op.worker != 0:
             continue
         producer = order.index(op.inputs[0].key)
         assert all(j in mail for j in order[producer + 1:order.index(k)])
+    # every weight gradient leaves before the first sum waits for a peer's
+    first_sum = min(order.index(k) for k in order if graph.op(k).kind == "reduce")
+    assert all(order.index(k) < first_sum for k in order if k in mail)
 
 
 def _runs_to_the_end(graph, order: list[str], mail: set[str]) -> bool:
@@ -212,8 +221,9 @@ def test_a_failed_peer_stops_the_waiting_worker_at_once(client, boxes):
     workers, _, boxes = boxes
     taken = client.submit(_take, Exchange("s", 0, boxes), "k", workers=[workers[0]])
     client.submit(_fail, Exchange("s", 1, boxes), workers=[workers[1]]).result()
-    with pytest.raises(ExchangeError, match="mesh worker 1 failed: ValueError: bad tile"):
+    with pytest.raises(ValueError, match="bad tile") as raised:  # the cause, noted
         taken.result(timeout=30)
+    assert "raised on mesh worker 1" in " ".join(getattr(raised.value, "__notes__", ()))
 
 
 def test_closing_the_mailboxes_wakes_a_waiting_take(client, boxes):
@@ -258,10 +268,12 @@ def test_a_peer_task_failing_mid_step_fails_the_step(client):
 
 
 def _hold(event_name: str):
-    """Occupy a worker's only thread for up to a minute."""
-    from distributed import Event
+    """Occupy a worker's only thread for up to a minute (or until the event is set on this
+    worker's scheduler: the client is named, for with two clusters in one process the
+    default one may be the other's)."""
+    from distributed import Event, get_client
 
-    Event(event_name).wait(60)
+    Event(event_name, client=get_client()).wait(60)
 
 
 @pytest.mark.slow
@@ -377,6 +389,26 @@ def test_a_failed_step_leaves_no_tiles_behind():
     box.close()
 
 
+def test_a_waiting_peer_raises_the_first_failure_with_its_cause():
+    """A failed task posts its own error: a peer waiting for its tiles raises that error (so
+    the step fails with its cause, whichever worker's failure the user hears of first), and
+    a later notice (the engine's, once it sees the task failed) does not replace it."""
+    import asyncio
+
+    from rapydli.scheduler.mailbox import _notice
+
+    cause = _notice(IndexError("index 10000 is out of bounds"), 1)
+    assert isinstance(cause, IndexError) and "raised on mesh worker 1" in cause.__notes__[0]
+    assert _notice(cause, 0) is cause  # passed on by the peer that raised it, unchanged
+    assert _notice(ExchangeError("lost"), 0) == "mesh worker 0 failed: ExchangeError: lost"
+    box = Mailbox(f"cause-{time.monotonic_ns()}")
+    asyncio.run(box.put([(("s", FAILED), cause)]))
+    asyncio.run(box.put([(("s", FAILED), "mesh worker 1's task error before it could post")]))
+    with pytest.raises(IndexError, match="out of bounds"):
+        box.take(("s", "k"), timeout=1)
+    box.close()
+
+
 def test_a_cancelled_task_of_another_engine_does_not_fail_the_next_step(client):
     """The shared chain skips a task that was cancelled (or failed): another engine's step
     waits for it no longer, instead of failing with it."""
@@ -411,7 +443,7 @@ def test_a_task_cancelled_before_it_ran_releases_its_waiting_peer(client):
     engine.set_params(net.init(0))
     engine.set_data("train", np.zeros((8, 12), np.float32), np.zeros(8, np.int64))
     engine.value(engine.run("train", np.arange(8))["metrics"])  # mailboxes started
-    event = Event(f"hold-{time.monotonic_ns()}")
+    event = Event(f"hold-{time.monotonic_ns()}", client=client)
     held = client.submit(_hold, event.name, workers=[engine.workers[1]], pure=False)
     try:
         engine.run("train", np.arange(8))

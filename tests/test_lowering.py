@@ -34,6 +34,7 @@ from rapydli import (
     spatial_parallel,
     value_and_grad,
 )
+from rapydli.graph import ops
 from rapydli.graph.comm import DIRECT_ALLREDUCE_MAX
 from rapydli.graph.lower import MODES, lower
 from rapydli.graph.tiles import split, tile_grid
@@ -146,7 +147,11 @@ def test_data_parallel_op_counts(n):
     assert len(graph.ops(kind="forward")) == n_layers * n
     assert len(graph.ops(kind="loss")) == n
     assert graph.count("forward") == (n_layers + 1) * n  # the loss tiles are forward ops too
-    assert graph.count("backward") == n_layers * n
+    # the second layer's backward is two ops (input gradient, then weight gradients: see
+    # test_exchange); the first layer's computes no input gradient
+    assert graph.count("backward") == (n_layers + 1) * n
+    assert len([op for op in graph.ops(phase="backward")
+                if op.fn is ops.backward_params_task]) == n
     assert graph.count("update") == n_param_tiles * n  # every replica applies the update
     grad_sends = {u for u, _, _ in graph.crossing_edges() if "/grad/" in u}
     assert all(graph.op(u).kind == "send" for u in grad_sends)
@@ -338,11 +343,13 @@ def test_tasks_split_after_big_activation_sends_but_not_after_gradients_to_sum()
         return {(graph.op(k).worker, s) for k, s in stage.items()
                 if graph.op(k).kind not in fusion.SOLO and graph.op(k).worker is not None}
 
-    mlp = Sequential([Dense(1024, activation="relu"), Dense(1024, activation="relu"),
-                      Dense(10)], input_shape=(784,))
-    # 4 MB of weight gradients per layer go to the sums: before and after them, per worker
-    assert len(worker_tasks(mlp, data_parallel(2), 256)) == 2 * 2
-    assert len(worker_tasks(mlp, data_parallel(2), 256, reduce_split_bytes=1 << 20)) > 2 * 2
+    # the weight gradients of the second convolution go to the sums: one task before and one
+    # after them per worker, unless they pass the threshold. (A dense layer's weight
+    # gradients come from an op of their own that nothing else reads: no reason to split.)
+    cnn = Sequential([Conv2D(8, 3, activation="relu"), Conv2D(8, 3, activation="relu"),
+                      Flatten(), Dense(10)], input_shape=(1, 12, 12))
+    assert len(worker_tasks(cnn, data_parallel(2), 8)) == 2 * 2
+    assert len(worker_tasks(cnn, data_parallel(2), 8, reduce_split_bytes=1 << 10)) > 2 * 2
     wide = Sequential([Dense(4096, activation="relu"), Dense(4096, activation="relu"),
                        Dense(10)], input_shape=(784,))
     split_at_1mb = worker_tasks(wide, model_parallel(2), 256)

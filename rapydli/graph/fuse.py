@@ -82,6 +82,16 @@ def mail_sends(graph) -> set[str]:
     return mail
 
 
+def bottom_levels(graph) -> dict[str, int]:
+    """For each op, the FLOPs on the longest path from it to the end of the graph, its own
+    included: how much work still waits, at the least, once it ran."""
+    level: dict[str, int] = {}
+    for key in reversed(list(nx.topological_sort(graph))):
+        after = max((level[s] for s in graph.successors(key)), default=0)
+        level[key] = graph.op(key).flops + after
+    return level
+
+
 def mail_order(graph, mail: set[str]) -> list[str]:
     """One topological order of all ops, shared by every worker of a direct exchange.
 
@@ -94,6 +104,7 @@ def mail_order(graph, mail: set[str]) -> list[str]:
     deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}
+    level = bottom_levels(graph)
     reads_mail = {key: [p for p in graph.predecessors(key) if p in mail] for key in graph.nodes}
     reads_mail = {key: sends for key, sends in reads_mail.items() if sends}
 
@@ -103,7 +114,7 @@ def mail_order(graph, mail: set[str]) -> list[str]:
                 return (0, 0, index[key])
             if key in reads_mail:
                 return (2, max(posted.get(p, 0) for p in reads_mail[key]), index[key])
-            return (1, 0, index[key])
+            return (1, -level[key], index[key])
 
         return list(nx.lexicographical_topological_sort(graph, key=rank))
 

@@ -267,8 +267,25 @@ class _Lowering:
                     dy = Ref(key, (), nbytes(tile.region, self.itemsize))
                 key = f"{layer.name}/bwd/t{t}"
                 refs = tuple(self.param_ref(k, r, tile.worker) for _, k, r in tile.params)
-                kwargs = dict(layer=layer, names=tuple(p for p, _, _ in tile.params),
-                              need_dx=i > 0)
+                names = tuple(p for p, _, _ in tile.params)
+                flops = 2 * layer.flops(shape_of(tile.region), self.network.shapes[i][0])
+                if i > 0 and self.split_backward(layer, tile):
+                    self.graph.add_op(TileOp(
+                        key, "backward", "backward", tile.worker, ops.backward_input_task,
+                        (tile.x, tile.y, dy, *refs), dict(layer=layer, names=names),
+                        layer.name, tile.x_region, flops=flops // 2))
+                    pkey_ = f"{layer.name}/bwd-params/t{t}"
+                    self.graph.add_op(TileOp(
+                        pkey_, "backward", "backward", tile.worker, ops.backward_params_task,
+                        (tile.x, Ref(key, (1,)), *refs), dict(layer=layer, names=names),
+                        layer.name, flops=flops - flops // 2))
+                    size = nbytes(tile.x_region, self.itemsize)
+                    new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
+                    for j, (_, pkey, region) in enumerate(tile.params):
+                        ref = Ref(pkey_, (j,), nbytes(region, self.itemsize))
+                        partials.setdefault((pkey, region), []).append((ref, tile.worker))
+                    continue
+                kwargs = dict(layer=layer, names=names, need_dx=i > 0)
                 fused = self.fused_update(layer, tile)
                 if fused:
                     kwargs["optimizer"] = self.optimizer
@@ -289,6 +306,19 @@ class _Lowering:
                     partials.setdefault((pkey, region), []).append((ref, tile.worker))
             grads = new_grads
         return partials
+
+    def split_backward(self, layer, tile: _Tile) -> bool:
+        """Whether this tile's backward pass runs as two ops, the input gradient first and the
+        parameter gradients second.
+
+        It does when the layer offers the two parts and some of the tile's parameter gradients
+        are summed across workers (data parallel): the layers below then start on the input
+        gradient at once, the lowest layers' weight gradients, which the next step needs first,
+        leave sooner, and their transfer overlaps the parameter gradients still to compute.
+        """
+        if not hasattr(layer, "backward_params") or not tile.params:
+            return False
+        return any(len(self.replicas[(pkey, region)]) > 1 for _, pkey, region in tile.params)
 
     def fused_update(self, layer, tile: _Tile) -> bool:
         """Whether this tile's backward op can apply its own update, in place.

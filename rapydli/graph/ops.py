@@ -166,6 +166,19 @@ def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: boo
     return dx, tuple(grads[n] for n in names)
 
 
+def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
+    """``(dx, carry)``: the first part of a layer's backward pass, what the layers below wait
+    for; ``carry`` is what :func:`backward_params_task` needs of it (see
+    :meth:`rapydli.graph.lower._Lowering.split_backward`)."""
+    return layer.backward_input(x, y, dict(zip(names, params)), dy)
+
+
+def backward_params_task(x, carry, *params, layer, names: tuple[str, ...]):
+    """``(dparam, ...)`` in the order of ``names``: the second part of a split backward pass."""
+    grads = layer.backward_params(x, carry, dict(zip(names, params)))
+    return tuple(grads[n] for n in names)
+
+
 def backward_update_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: bool,
                          optimizer):
     """``(dx, (new param, ...))``: the layer's gradients applied to its parameters in place as

@@ -5,7 +5,7 @@ from typing import Any
 
 from rapydli.kernels.backend import get_array_module
 
-__all__ = ["dense_backward", "dense_forward"]
+__all__ = ["dense_backward", "dense_backward_input", "dense_backward_params", "dense_forward"]
 
 Array = Any
 
@@ -72,8 +72,20 @@ def dense_backward(
     >>> dx.shape, dw.shape, db.shape
     ((2, 3), (4, 3), (4,))
     """
-    xp = get_array_module(x)
-    dx = xp.matmul(dy, w).astype(x.dtype, copy=False) if need_dx else None  # (N, I)
-    dw = xp.matmul(dy.T, x).astype(w.dtype, copy=False)  # (O, I)
-    db = dy.sum(axis=0).astype(dy.dtype, copy=False)  # (O,)
+    dx = dense_backward_input(dy, w, x.dtype) if need_dx else None
+    dw, db = dense_backward_params(x, dy, w.dtype)
     return dx, dw, db
+
+
+def dense_backward_input(dy: Array, w: Array, dtype) -> Array:
+    """The input gradient ``dx = dy @ w``, shape (N, I), in ``dtype``: the part of
+    :func:`dense_backward` that the layers below wait for."""
+    return get_array_module(dy).matmul(dy, w).astype(dtype, copy=False)
+
+
+def dense_backward_params(x: Array, dy: Array, dtype) -> tuple[Array, Array]:
+    """The parameter gradients ``(dw, db)`` of :func:`dense_backward`, ``dw`` in ``dtype``:
+    the part that only the weights' update waits for."""
+    dw = get_array_module(x).matmul(dy.T, x).astype(dtype, copy=False)  # (O, I)
+    db = dy.sum(axis=0).astype(dy.dtype, copy=False)  # (O,)
+    return dw, db
