@@ -150,13 +150,13 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
 
 
 def make_engine(net, placement=None, client=None, fused=True, lr=0.01, momentum=0.9,
-                n_samples=2048, seed=0, exchange="auto", workers=None):
+                n_samples=2048, seed=0, exchange="auto", workers=None, shared_memory=True):
     """An :class:`Engine` with SGD(lr, momentum), fresh params and a synthetic ``train`` set."""
     import rapydli as rd
     from rapydli.scheduler.engine import Engine
 
     engine = Engine(net, placement, rd.SGD(lr=lr, momentum=momentum), client, "float32", fused,
-                    exchange=exchange, workers=workers)
+                    exchange=exchange, workers=workers, shared_memory=shared_memory)
     engine.set_params(net.init(seed))
     engine.set_data("train", *synthetic(net, n_samples, seed))
     return engine

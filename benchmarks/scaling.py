@@ -6,7 +6,9 @@
 
 Each run is an ``Engine`` on a client from ``local_client(n, threads_per_worker=1)`` with
 steps submitted ahead as ``rapydli.fit`` does (``MAX_IN_FLIGHT``); the 2-worker runs use both
-exchanges (``direct``, the engine's default on a cluster, and ``graph``); rounds alternate the
+exchanges (``direct``, the engine's default on a cluster, and ``graph``), and the direct one
+also without shared memory between the workers (``direct-tcp``: every tile inside its message
+over the cluster's TCP comms, as between machines); rounds alternate the
 runs (one warm-up round first) and the table shows medians: samples/s, speedup = 2-worker /
 1-worker throughput, efficiency = speedup / 2. The goals are checked on the default exchange.
 
@@ -35,7 +37,7 @@ a thread that exits within a round is not counted; both clusters' schedulers liv
 client process, so the idle one's count under "client"; the two workers are listed by
 process, not by mesh position.
 
-    python benchmarks/scaling.py [--rounds 5] [--steps 24] [--mp-steps 3] [--mp-batch 256]
+    python benchmarks/scaling.py [--rounds 5] [--steps 64] [--mp-steps 3] [--mp-batch 256]
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def side_by_side(engines, indices, sizes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up")
-    parser.add_argument("--steps", type=int, default=24, help="pipelined steps a run, data parallel")
+    parser.add_argument("--steps", type=int, default=64, help="pipelined steps a run, data parallel")
     parser.add_argument("--batch", type=int, default=512, help="data-parallel batch")
     parser.add_argument("--mp-steps", type=int, default=3, help="pipelined steps a run, model parallel")
     parser.add_argument("--mp-batch", type=int, default=256, help="model-parallel batch")
@@ -151,8 +153,9 @@ def main() -> None:
     parser.add_argument("--skip-small", action="store_true", help="no small-MLP rows")
     parser.add_argument("--skip-ceiling", action="store_true",
                         help="no side-by-side row (the data-parallel ceiling without exchange)")
-    parser.add_argument("--exchanges", default="direct,graph",
-                        help="2-worker exchanges to run, comma-separated (the first is checked)")
+    parser.add_argument("--exchanges", default="direct,direct-tcp,graph",
+                        help="2-worker exchanges to run, comma-separated (the first is checked); "
+                             "direct-tcp: the direct exchange without shared memory")
     parser.add_argument("--steps-per-task", default="auto",
                         help="steps unrolled per task: a number, or 'auto' (fit's default)")
     args = parser.parse_args()
@@ -187,9 +190,10 @@ def main() -> None:
         for label, net, batch, steps, placement, goal in cases:
             engines = {("1", "-"): C.make_engine(net, None, c1, n_samples=args.samples)}
             for exchange in exchanges:
-                engines[("2", exchange)] = C.make_engine(net, placement, c2,
-                                                         n_samples=args.samples,
-                                                         exchange=exchange)
+                engines[("2", exchange)] = C.make_engine(
+                    net, placement, c2, n_samples=args.samples,
+                    exchange=exchange.removesuffix("-tcp"),
+                    shared_memory=not exchange.endswith("-tcp"))
             sizes = {n: TaskSize(spt, distributed=True) for n in engines}
             pair = None
             if not args.skip_ceiling and label == "data parallel" and goal:

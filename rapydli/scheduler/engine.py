@@ -65,11 +65,14 @@ class Engine:
 
     ``workers``: the worker address of each mesh worker, to pin the engine to chosen workers
     of the cluster (default: bound by :func:`rapydli.scheduler.cluster.bind_workers`).
+    ``shared_memory``: in the direct exchange, large tiles between worker processes on one
+    machine travel through shared memory (:mod:`rapydli.scheduler.shared`); False sends every
+    tile inside its message, over the cluster's comms.
     """
 
     def __init__(self, network, placement=None, optimizer=None, client=None,
                  dtype="float32", fused: bool = True, device: str = "auto",
-                 exchange: str = "auto", workers=None):
+                 exchange: str = "auto", workers=None, shared_memory: bool = True):
         self.network = network
         self.placement = placement or single()
         self.optimizer = optimizer
@@ -78,6 +81,7 @@ class Engine:
         self.fused = fused
         #: how tiles travel between workers: "direct" or "graph"
         self.exchange = _exchange(exchange, client, fused, self.placement.mesh.size)
+        self.shared_memory = bool(shared_memory)
         #: the direct exchange's mailbox actors (futures) and their addresses, once started
         self._mailboxes: list = []
         self._boxes: tuple = ()
@@ -305,7 +309,7 @@ class Engine:
             self._actors = [f.result() for f in self._mailboxes]
             weakref.finalize(self, _release_chain, self.client.id, list(self.workers),
                              self._token)
-        return lambda worker: Exchange(step, worker, self._boxes)
+        return lambda worker: Exchange(step, worker, self._boxes, shared=self.shared_memory)
 
     def _compute(self, graph, keys):
         if self.client is None:

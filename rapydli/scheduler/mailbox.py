@@ -7,7 +7,9 @@ plan fuses all of a worker's ops of a step (or of an unrolled group of steps) in
 a ``send`` op posts its tile to the receiving worker's :class:`Mailbox` (a Dask actor, called
 over Dask's worker-to-worker comms, never through the scheduler) the moment it is computed,
 and the consuming op takes it from its own worker's mailbox. Tiles still travel exactly as the
-graph's send ops say; only the scheduler leaves the path of each exchange.
+graph's send ops say; only the scheduler leaves the path of each exchange. Between worker
+processes on one machine a large tile travels through shared memory and the message carries
+only where it is (:mod:`rapydli.scheduler.shared`).
 
 Every worker runs its ops in one global topological order (see
 :func:`rapydli.graph.fuse.mail_order`),
@@ -17,13 +19,18 @@ its error to its peers, so that no worker waits for a peer that will never send.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
+from rapydli.scheduler.shared import (Mappings, Segments, SharedTile, make_probe, probe_path,
+                                      remove_files)
 
 #: seconds a take waits for a tile before giving up (a step that computes this long between
 #: two exchanges is far beyond anything the engine plans)
@@ -44,8 +51,9 @@ class Mailbox:
     instance with :meth:`here` and :meth:`take` from it without any message.
     """
 
-    #: the mailboxes living in this process, by name
-    _here: ClassVar[dict[str, Mailbox]] = {}
+    #: the mailboxes living in this process, by name (held by their workers as actors: a
+    #: released actor goes, and its shared memory with it)
+    _here: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
 
     def __init__(self, name: str):
         #: unique per engine and mesh worker
@@ -57,6 +65,15 @@ class Mailbox:
         #: steps a peer reported failed: their tiles are dropped, now and as they arrive
         self.failed: set[str] = set()
         self._cond = threading.Condition()
+        #: segments of shared memory holding the tiles this worker posted to its neighbours,
+        #: and the mappings of those its neighbours posted here (see rapydli.scheduler.shared)
+        self.segments = Segments(name)
+        self.mappings = Mappings()
+        make_probe(name)
+        #: deletes the probe and the segments: at close, when the worker lets go of the actor
+        #: (an engine dropped without closing), or when the process exits
+        self._remove_files = weakref.finalize(self, _remove_files, name, self.segments,
+                                              self.mappings)
         Mailbox._here[name] = self
 
     @classmethod
@@ -74,8 +91,11 @@ class Mailbox:
             for key, value in items:
                 if key[1] == FAILED:
                     self._forget(key[0])
-                elif key[0] in self.failed:
-                    continue  # nothing of a failed step will be taken: hold none of it
+                    self.items.setdefault(key, value)  # the first notice names the cause
+                    continue
+                if key[0] in self.failed:
+                    self._drop(value)  # nothing of a failed step will be taken: hold none of it
+                    continue
                 self.items[key] = value
             self._cond.notify_all()
 
@@ -87,7 +107,11 @@ class Mailbox:
     def _forget(self, step: str) -> None:
         self.failed.add(step)
         for key in [k for k in self.items if k[0] == step and k[1] != FAILED]:
-            del self.items[key]  # a failure notice stays, for takes still to come
+            self._drop(self.items.pop(key))  # a failure notice stays, for takes still to come
+
+    def _drop(self, value) -> None:
+        if isinstance(value, SharedTile):  # its sender may reuse the segment
+            self.mappings.release(value)
 
     def take(self, key: tuple[str, str], timeout: float = TAKE_TIMEOUT):
         """Wait for the tile ``key``, remove it and return it (in aligned memory)."""
@@ -97,6 +121,8 @@ class Mailbox:
             while key not in self.items:
                 if step in self.failed:  # a peer's notice, or this worker's own failure
                     notice = self.items.get((step, FAILED))
+                    if isinstance(notice, BaseException):  # the peer's own error, noted
+                        raise notice
                     raise ExchangeError(f"step {step}: {notice}" if notice else
                                         f"step {step} failed on this worker")
                 if self.closed is not None:
@@ -110,27 +136,44 @@ class Mailbox:
                         "log), or a step computes longer than the timeout between exchanges")
                 self._cond.wait(left)  # put and close notify
             value = self.items.pop(key)
+        if isinstance(value, SharedTile):
+            return self.mappings.open(value)
         return aligned(value)
 
-    def close(self, reason: str = "engine closed") -> None:
-        """Wake every waiting take with an error; nothing is held any more."""
+    def close(self, reason: str = "engine closed", peers: tuple[str, ...] = ()) -> None:
+        """Wake every waiting take with an error; nothing is held any more. The shared memory
+        of ``peers`` (mailbox names) on this machine goes too: theirs may be a killed worker."""
         with self._cond:
             self.closed = reason
             self.items.clear()
             self._cond.notify_all()
         Mailbox._here.pop(self.name, None)
+        self._remove_files()
+        for name in peers:
+            remove_files(name)
+
+
+def _remove_files(name: str, segments: Segments, mappings: Mappings) -> None:
+    try:
+        os.unlink(probe_path(name))
+    except OSError:
+        pass
+    segments.close()
+    mappings.close()
 
 
 @dataclass
 class Exchange:
     """What one fused task needs to post and take tiles: its step, its mesh worker, the
     mailboxes ``(worker address, actor key, name)`` of every mesh worker; and, while the task
-    runs, the tiles it queued (outbox) and the posts not yet known delivered."""
+    runs, the tiles it queued (outbox) and the posts not yet known delivered. ``shared``: large
+    tiles for workers on this machine travel through shared memory (False: in the message)."""
 
     step: str
     me: int
     boxes: tuple[tuple[str, str, str], ...]
     timeout: float = TAKE_TIMEOUT
+    shared: bool = True
     _posted: list = field(default_factory=list, init=False, compare=False, repr=False)
     _outbox: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -143,7 +186,10 @@ class Exchange:
         """Send what :meth:`post` queued, one message per receiving worker; returns at once
         (this worker's event loop sends them while the task computes on)."""
         if self._outbox:
+            mine = Mailbox._here.get(self.boxes[self.me][2]) if self.shared else None
             for dest, items in self._outbox.items():
+                if mine is not None and mine.segments.shares_with(self.boxes[dest][2]):
+                    items = [(key, mine.segments.pack(value) or value) for key, value in items]
                 self._posted.append(_proxy(self.boxes[dest]).put(items))
             self._outbox.clear()
 
@@ -160,13 +206,35 @@ class Exchange:
             future.result(timeout=self.timeout)
 
     def fail(self, error: BaseException) -> None:
-        """Tell every peer that this task failed, so none waits for its tiles."""
-        message = f"mesh worker {self.me} failed: {type(error).__name__}: {error}"[:2000]
+        """Tell every peer that this task failed, so none waits for its tiles. The notice is
+        the error itself where it can travel: a peer waiting for this task's tiles raises it,
+        so the step fails with its cause whichever worker's failure reaches the user first."""
         mine = Mailbox._here.get(self.boxes[self.me][2]) if self.me >= 0 else None
         if mine is not None:
             mine.forget(self.step)
         post_failure([_proxy(box) for dest, box in enumerate(self.boxes) if dest != self.me],
-                     self.step, message)
+                     self.step, _notice(error, self.me))
+
+
+def _notice(error: BaseException, me: int):
+    """What a failed task posts to its peers: a copy of ``error`` noting where it was raised,
+    or a message where it cannot be copied. A peer's error raised here is passed on as is."""
+    message = f"mesh worker {me} failed: {type(error).__name__}: {error}"[:2000]
+    if isinstance(error, ExchangeError) or not isinstance(error, Exception):
+        return message
+    if any(note.startswith(_NOTE) for note in getattr(error, "__notes__", ())):
+        return error  # the cause, from the peer that raised it first
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+    except Exception:
+        return message
+    copy.add_note(f"{_NOTE} {me} of this step; the other workers' tasks stopped waiting for "
+                  "its tiles)")
+    return copy
+
+
+#: how the note on a peer's error begins
+_NOTE = "(raised on mesh worker"
 
 
 def post_failure(mailboxes: list, step: str, message: str) -> None:
@@ -218,11 +286,13 @@ def start_mailboxes(client, workers: list[str], token: str,
 
 
 def close_mailboxes(futures: list, timeout: float = 10.0) -> None:
-    """Close every mailbox still reachable (waiting takes fail at once); errors ignored."""
+    """Close every mailbox still reachable (waiting takes fail at once); errors ignored. Each
+    also deletes what its peers left in shared memory on its machine."""
     calls = []
+    names = tuple(future.key for future in futures)
     for future in futures:
         try:
-            calls.append(future.result(timeout=timeout).close())
+            calls.append(future.result(timeout=timeout).close(peers=names))
         except Exception:  # the worker holding it is gone: nothing waits there
             pass
     for call in calls:

@@ -1,0 +1,179 @@
+"""Shared memory between mesh workers on one machine: segments, their reuse, and the direct
+exchange training bit for bit as it does with every tile inside its message."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import numpy as np
+import pytest
+
+import rapydli as rd
+from rapydli.scheduler import shared
+from rapydli.scheduler.engine import Engine
+from rapydli.scheduler.mailbox import Exchange, Mailbox, close_mailboxes, start_mailboxes
+from rapydli.scheduler.shared import (MIN_BYTES, Mappings, Segments, SharedTile, make_probe,
+                                      probe_path)
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(shared.SHM_DIR),
+                                reason=f"no shared-memory directory {shared.SHM_DIR}")
+
+
+def _name(tag: str) -> str:
+    return f"rapydli-test-{tag}-{time.monotonic_ns()}"
+
+
+@pytest.fixture
+def pool():
+    segments, mappings = Segments(_name("s")), Mappings()
+    yield segments, mappings
+    segments.close()
+    mappings.close()
+
+
+def _big(seed=0, shape=(128, 160)):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_a_tile_read_in_place_is_the_tile_sent(pool):
+    segments, mappings = pool
+    value = _big()[:, 1:]  # a strided view: copied into the segment as a C-contiguous array
+    tile = segments.pack(value)
+    assert isinstance(tile, SharedTile) and tile.shape == value.shape
+    got = mappings.open(tile)
+    np.testing.assert_array_equal(got, value)
+    assert got.dtype == value.dtype and got.flags.c_contiguous
+    assert got.ctypes.data % 64 == 0  # aligned, as matrix products want it
+
+
+def test_a_segment_is_reused_only_once_the_receiver_lets_go(pool):
+    segments, mappings = pool
+    first = mappings.open(segments.pack(_big(1)))
+    view = first[3:5]  # a view keeps the tile alive, and its segment taken
+    del first
+    gc.collect()
+    second = segments.pack(_big(2))
+    assert second.path != segments.segments[0][0]  # the first one is still taken
+    np.testing.assert_array_equal(view, _big(1)[3:5])  # untouched by the second tile
+    del view
+    gc.collect()
+    third = segments.pack(_big(3))
+    assert third.path == segments.segments[0][0]  # free again: reused, no third segment
+    assert len(segments.segments) == 2
+    np.testing.assert_array_equal(mappings.open(third), _big(3))
+
+
+def test_a_tile_never_read_is_freed_by_release(pool):
+    segments, mappings = pool
+    tile = segments.pack(_big())
+    mappings.release(tile)
+    assert segments.pack(_big(1)).path == tile.path
+
+
+def test_small_odd_and_foreign_values_travel_by_message(pool):
+    segments, _ = pool
+    assert segments.pack(np.zeros(MIN_BYTES // 4 - 1, np.float32)) is None
+    assert segments.pack(np.empty(MIN_BYTES, object)) is None
+    assert segments.pack([0.0] * MIN_BYTES) is None
+    assert segments.segments == []
+
+
+def test_the_limit_sends_the_rest_by_message():
+    segments = Segments(_name("limit"), limit=2 * _big().nbytes)
+    try:
+        held = [segments.pack(_big(i)) for i in range(3)]
+        assert [t is None for t in held] == [False, False, True]
+    finally:
+        segments.close()
+
+
+def test_closing_deletes_the_segments_and_a_probe_tells_who_shares_memory(pool):
+    segments, mappings = pool
+    tile = segments.pack(_big())
+    assert os.path.exists(tile.path)
+    name = _name("probe")
+    assert not segments.shares_with(name)  # no such mailbox on this machine
+    assert make_probe(name)
+    try:
+        assert Segments(_name("other")).shares_with(name)
+    finally:
+        os.unlink(probe_path(name))
+    got = mappings.open(tile)
+    segments.close()
+    assert not os.path.exists(tile.path)
+    np.testing.assert_array_equal(got, _big())  # a tile still read stays valid
+
+
+def _wide():
+    # weight gradients of 64-256 KiB: over MIN_BYTES, so they travel through shared memory
+    return rd.Sequential([rd.Dense(128, activation="relu"), rd.Dense(128, activation="tanh"),
+                          rd.Dense(10)], input_shape=(96,))
+
+
+def _train(client, net, x, y, steps, **kw):
+    engine = Engine(net, rd.data_parallel(2), rd.SGD(lr=0.05, momentum=0.9), client, **kw)
+    engine.set_params(net.init(0))
+    engine.set_data("train", x, y)
+    rng = np.random.default_rng(1)
+    losses = [engine.value(engine.run("train", rng.permutation(len(x))[:64])["metrics"])
+              for _ in range(steps)]
+    return engine, losses
+
+
+def test_the_direct_exchange_trains_alike_through_shared_memory(client):
+    """Tiles through shared memory or inside the message, the same bits; and the shared
+    memory was used, reused from step to step, and is gone once the engine closes."""
+    net = _wide()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
+    runs = {}
+    for flag in (True, False):
+        engine, losses = _train(client, net, x, y, 4, exchange="direct", shared_memory=flag)
+        boxes = [b for name, b in Mailbox._here.items() if engine._token in name]
+        made = sorted({p for b in boxes for p, _, _ in b.segments.segments})
+        runs[flag] = (losses, engine.get_params(), made)
+        engine.close()
+        assert not [p for p in made if os.path.exists(p)]
+    (on, params_on, made), (off, params_off, none) = runs[True], runs[False]
+    assert on == off
+    for name, value in params_off.items():
+        np.testing.assert_array_equal(params_on[name], value, err_msg=name)
+    # 3 tiles over MIN_BYTES a worker and step (two weights, one of them twice as big as
+    # the smallest segment fits): a fixed set, not one per step
+    assert 0 < len(made) <= 2 * 3 * 2 and none == []
+
+
+def _take(exchange: Exchange, key: str):
+    return exchange.take(key)
+
+
+def _post(exchange: Exchange, key: str, value):
+    exchange.post(key, value, (0,))
+    exchange.finish()
+
+
+def test_a_failed_step_frees_the_shared_tiles_it_left(client):
+    workers = sorted(client.scheduler_info()["workers"])[:2]
+    futures, boxes = start_mailboxes(client, workers, f"t{time.monotonic_ns()}")
+    try:
+        sender = Mailbox.here(boxes[1][2])
+        receiver = Mailbox.here(boxes[0][2])
+        client.submit(_post, Exchange("s", 1, boxes), "k", _big(), workers=[workers[1]]).result()
+        (tile,) = receiver.items.values()
+        assert isinstance(tile, SharedTile)
+        assert sender.segments.segments[0][1][0] == 1  # taken until the tile is read
+        receiver.forget("s")  # the step failed: nobody will take it
+        assert sender.segments.segments[0][1][0] == 0
+    finally:
+        close_mailboxes(futures)
+
+
+def test_a_closing_mailbox_deletes_what_a_killed_peer_left():
+    dead, alive = _name("dead"), _name("alive")
+    leftovers = Segments(dead)
+    tile = leftovers.pack(_big())  # a worker that made a segment, then was killed
+    assert make_probe(dead)
+    box = Mailbox(alive)
+    box.close(peers=(alive, dead))
+    assert not [p for p in (tile.path, probe_path(dead), probe_path(alive)) if os.path.exists(p)]
