@@ -177,3 +177,38 @@ def test_a_closing_mailbox_deletes_what_a_killed_peer_left():
     box = Mailbox(alive)
     box.close(peers=(alive, dead))
     assert not [p for p in (tile.path, probe_path(dead), probe_path(alive)) if os.path.exists(p)]
+
+
+def _held_back(exchange: Exchange, posts) -> list[int]:
+    """Post ``(key, value, to_sum)`` one at a time, flushing between ops as a task does;
+    returns how many tiles wait in the outbox after each."""
+    held = []
+    for key, value, to_sum in posts:
+        exchange.post(key, value, (0,), to_sum)
+        exchange.flush(urgent_only=True)
+        held.append(sum(len(items) for items in exchange._outbox.values()))
+    exchange.finish()  # the rest leaves at the end of the task, or at its next take
+    assert not exchange._outbox
+    return held
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_tiles_only_sums_read_wait_for_the_next_message(client, shared_memory):
+    """Between ops, tiles only sums read stay queued while they would cost only a message
+    (shared memory, or small); a tile a peer may be waiting for sends them all at once, and
+    so does a large one that travels inside the message."""
+    workers = sorted(client.scheduler_info()["workers"])[:2]
+    futures, boxes = start_mailboxes(client, workers, f"t{time.monotonic_ns()}")
+    try:
+        small = np.ones(8, np.float32)
+        posts = [("a", _big(), True), ("b", small, True), ("c", small, False),
+                 ("d", _big(1), True)]
+        held = client.submit(_held_back, Exchange("s", 1, boxes, shared=shared_memory), posts,
+                             workers=[workers[1]]).result(timeout=30)
+        # a large tile for a sum goes at once by message; through shared memory it waits
+        assert held == ([1, 2, 0, 1] if shared_memory else [0, 1, 0, 0])
+        taken = Mailbox.here(boxes[0][2])
+        assert sorted(k for _, k in taken.items) == ["a", "b", "c", "d"]
+        np.testing.assert_array_equal(taken.take(("s", "d")), _big(1))
+    finally:
+        close_mailboxes(futures)

@@ -219,15 +219,17 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
     ``program`` is a tuple of ``(key, fn, input slots, kwargs, post)``; an input slot is
     ``(i, pick)`` for the ``i``-th external value, ``(key, pick)`` for an earlier op or
     ``(("mail", key), pick)`` for an op of another worker that posts its output here;
-    ``post`` names the mesh workers this op's output is posted to; posts of consecutive ops
-    leave together. Mail goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`).
+    ``post`` is ``()`` or ``(mesh workers this op's output is posted to, whether only sums
+    read it)``; posts of consecutive ops leave together, and those only sums read may wait
+    for the task's next take (see :meth:`rapydli.scheduler.mailbox.Exchange.flush`). Mail
+    goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`).
     """
     env: dict[Any, Any] = dict(enumerate(values))
     seconds = _OP_SECONDS
     drops = _drops(program, keep)
     for i, (key, fn, slots, kwargs, post) in enumerate(program):
         if exchange is not None and not post:  # tiles posted by the ops just run leave now
-            exchange.flush()
+            exchange.flush(urgent_only=True)
         args = []
         for src, path in slots:
             if type(src) is tuple and src not in env:  # the first read of a posted tile
@@ -240,7 +242,7 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
             env[key] = fn(*args, **kwargs)
             seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - start
         if post:
-            exchange.post(key, env[key], post)
+            exchange.post(key, env[key], *post)
         for done in drops[i]:  # read for the last time: an unrolled task holds one step's tiles
             del env[done]
     if exchange is not None:

@@ -134,8 +134,11 @@ class StepPlan:
                 if ext not in externals:
                     externals.append(ext)
                 slots.append((externals.index(ext), path))
-            post = (tuple(sorted({graph.op(s).worker for s in graph.successors(key)}))
-                    if key in self.mail else ())
+            post = ()
+            if key in self.mail:  # (receiving workers, whether only sums read it)
+                readers = [graph.op(s) for s in graph.successors(key)]
+                post = (tuple(sorted({r.worker for r in readers})),
+                        all(r.kind == "reduce" for r in readers))
             program.append((key, op.fn, tuple(slots), op.kwargs, post))
         keep = tuple(k for k in keys if k in wanted or (k not in self.mail and any(
             self.task_of.get(s) != name for s in graph.successors(k))))
