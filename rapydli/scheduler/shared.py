@@ -98,9 +98,15 @@ class Segments:
         self._lock = threading.Lock()
 
     def shares_with(self, name: str) -> bool:
+        """Whether mailbox ``name`` sees this machine's shared memory as this one does, and
+        runs as the same user (segments are readable by their owner only)."""
         known = self._shares.get(name)
         if known is None:
-            known = self._shares[name] = os.path.exists(probe_path(name))
+            try:
+                known = os.stat(probe_path(name)).st_uid == os.getuid()
+            except OSError:  # no probe here: another machine, or no /dev/shm
+                known = False
+            self._shares[name] = known
         return known
 
     def pack(self, value) -> SharedTile | None:
