@@ -269,40 +269,36 @@ class _Lowering:
                 refs = tuple(self.param_ref(k, r, tile.worker) for _, k, r in tile.params)
                 names = tuple(p for p, _, _ in tile.params)
                 flops = 2 * layer.flops(shape_of(tile.region), self.network.shapes[i][0])
+                size = nbytes(tile.x_region, self.itemsize)
+                new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
                 if i > 0 and self.split_backward(layer, tile):
                     self.graph.add_op(TileOp(
                         key, "backward", "backward", tile.worker, ops.backward_input_task,
                         (tile.x, tile.y, dy, *refs), dict(layer=layer, names=names),
                         layer.name, tile.x_region, flops=flops // 2))
-                    pkey_ = f"{layer.name}/bwd-params/t{t}"
+                    grads_key, grads_pick = f"{layer.name}/bwd-params/t{t}", ()
                     self.graph.add_op(TileOp(
-                        pkey_, "backward", "backward", tile.worker, ops.backward_params_task,
+                        grads_key, "backward", "backward", tile.worker, ops.backward_params_task,
                         (tile.x, Ref(key, (1,)), *refs), dict(layer=layer, names=names),
                         layer.name, flops=flops - flops // 2))
-                    size = nbytes(tile.x_region, self.itemsize)
-                    new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
-                    for j, (_, pkey, region) in enumerate(tile.params):
-                        ref = Ref(pkey_, (j,), nbytes(region, self.itemsize))
-                        partials.setdefault((pkey, region), []).append((ref, tile.worker))
-                    continue
-                kwargs = dict(layer=layer, names=names, need_dx=i > 0)
-                fused = self.fused_update(layer, tile)
-                if fused:
-                    kwargs["optimizer"] = self.optimizer
-                self.graph.add_op(TileOp(
-                    key, "backward", "backward", tile.worker,
-                    ops.backward_update_task if fused else ops.backward_task,
-                    (tile.x, tile.y, dy, *refs), kwargs, layer.name, tile.x_region,
-                    flops=2 * layer.flops(shape_of(tile.region), self.network.shapes[i][0])))
-                size = nbytes(tile.x_region, self.itemsize)
-                new_grads.append(Source(Ref(key, (0,), size), tile.x_region, tile.worker))
-                if fused:  # updated in place by the backward op itself: no reduction, no update
-                    for j, (_, _, region) in enumerate(tile.params):
-                        self.fused_values[refs[j].key] = Ref(key, (1, j),
-                                                              nbytes(region, self.itemsize))
-                    continue
+                else:
+                    kwargs = dict(layer=layer, names=names, need_dx=i > 0)
+                    fused = self.fused_update(layer, tile)
+                    if fused:
+                        kwargs["optimizer"] = self.optimizer
+                    self.graph.add_op(TileOp(
+                        key, "backward", "backward", tile.worker,
+                        ops.backward_update_task if fused else ops.backward_task,
+                        (tile.x, tile.y, dy, *refs), kwargs, layer.name, tile.x_region,
+                        flops=flops))
+                    if fused:  # updated in place by the backward op itself: no reduction
+                        for j, (_, _, region) in enumerate(tile.params):
+                            self.fused_values[refs[j].key] = Ref(key, (1, j),
+                                                                  nbytes(region, self.itemsize))
+                        continue
+                    grads_key, grads_pick = key, (1,)
                 for j, (_, pkey, region) in enumerate(tile.params):
-                    ref = Ref(key, (1, j), nbytes(region, self.itemsize))
+                    ref = Ref(grads_key, (*grads_pick, j), nbytes(region, self.itemsize))
                     partials.setdefault((pkey, region), []).append((ref, tile.worker))
             grads = new_grads
         return partials

@@ -114,7 +114,7 @@ class Segments:
         if not isinstance(value, np.ndarray) or value.nbytes < MIN_BYTES or value.dtype.hasobject:
             return None
         with self._lock:
-            segment = self._free(value.nbytes)
+            segment = self._segment_for(value.nbytes)
             if segment is None:
                 return None
             path, mapping, _ = segment
@@ -122,7 +122,7 @@ class Segments:
         np.copyto(np.ndarray(value.shape, value.dtype, mapping, HEADER), value)
         return SharedTile(path, value.shape, value.dtype.str)
 
-    def _free(self, nbytes: int):
+    def _segment_for(self, nbytes: int):
         """The smallest free segment that holds ``nbytes`` (at most twice as big), else a new
         one; None when the limit or the machine's shared memory is reached."""
         fits = [s for s in self.segments if nbytes <= s[2] <= 2 * nbytes and s[1][0] == 0]
