@@ -212,3 +212,33 @@ def test_tiles_only_sums_read_wait_for_the_next_message(client, shared_memory):
         np.testing.assert_array_equal(taken.take(("s", "d")), _big(1))
     finally:
         close_mailboxes(futures)
+
+
+@pytest.mark.slow
+def test_worker_processes_share_memory_and_leave_none_behind(process_client):
+    """Two worker processes: gradients travel through segments mapped by both, training is
+    bitwise what it is with every tile inside its message, and closing the engine deletes
+    every file it made."""
+    net = _wide()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
+    before = set(os.listdir(shared.SHM_DIR))
+    runs = {}
+    for flag in (True, False):
+        engine, losses = _train(process_client, net, x, y, 4, exchange="direct",
+                                shared_memory=flag)
+
+        def held(token=engine._token):
+            return sorted(p for name, b in Mailbox._here.items() if token in name
+                          for p, _, _ in b.segments.segments)
+
+        made = [p for paths in process_client.run(held).values() for p in paths]
+        runs[flag] = (losses, engine.get_params(), made)
+        engine.close()
+    (on, params_on, made), (off, params_off, none) = runs[True], runs[False]
+    assert made and none == []
+    assert on == off
+    for name, value in params_off.items():
+        np.testing.assert_array_equal(params_on[name], value, err_msg=name)
+    time.sleep(0.5)  # the close calls return before the last files go
+    assert set(os.listdir(shared.SHM_DIR)) - before == set()
