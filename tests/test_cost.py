@@ -18,7 +18,8 @@ from rapydli.graph.to_dask import StepPlan
 from rapydli.scheduler.cost import (ClusterSpec, Device, Link, Overhead, dump_cluster,
                                     format_prediction, format_ranking, load_cluster,
                                     parse_cluster, quantity, search, simulate, simulate_graph)
-from rapydli.scheduler.replay import posting_time, receiving_time
+from rapydli.scheduler.replay import posting_time, receiving_time, shared_memory
+from rapydli.scheduler.shared import MIN_BYTES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -278,8 +279,9 @@ def test_direct_data_parallel_counts_the_engines_tasks_and_moves_the_same_bytes(
     assert direct.n_tasks == plan_tasks(mlp(), rd.data_parallel(2), 32, True) == 5
     assert graph.n_tasks == plan_tasks(mlp(), rd.data_parallel(2), 32, False) == 9
     assert direct.bytes_moved == graph.bytes_moved
-    # each layer's weight and bias gradients are consecutive sends: one transfer each way
-    assert len([t for t in direct.transfers if "/grad/" in t.name]) == 2 * 2
+    # small gradients that only sums read wait for the worker's first take: all of them
+    # travel in one message each way, as the engine sends them
+    assert len([t for t in direct.transfers if "/grad/" in t.name]) == 2
     # only the loss scalars and the metrics (Dask tasks after the worker tasks) wait for the
     # scheduler; in the graph exchange the gradient sends also wait twice, beside that path
     assert direct.step_time - predict(rd.data_parallel(2), 0.0, "direct").step_time == \
@@ -365,6 +367,45 @@ def test_direct_tiles_take_the_mailbox_trip_and_cost_the_reader_their_bytes():
     assert receiving_time(g, shared, "c", {"s"}, set(), 1) == pytest.approx(20)
     assert receiving_time(g, spec, "c", {"s"}, set(), 1) == 0.0  # devices with their own cores
     assert receiving_time(g, shared, "c", {"s"}, {"s"}, 1) == 0.0  # taken once
+
+
+def test_tiles_through_shared_memory_cost_a_copy_and_no_link():
+    """CPU workers of one node pass tiles of MIN_BYTES or more through shared memory: the
+    sender pays a copy at memory bandwidth, the link carries no bytes (the tile arrives
+    ``mail_latency`` after it leaves) and the reader reads it in place, for free."""
+    big = MIN_BYTES * 4
+    g = overlap_graph(big)
+    gpus = dataclasses.replace(
+        cluster(devices=2, flops=1e3, bandwidth=1e6, latency=1.0, per_task=0.5,
+                mail_latency=0.25, per_message=0.1), node_flops=2e3)
+    cpus = dataclasses.replace(gpus, device=Device(1e3, 1e9, memory_bandwidth=2e6, kind="cpu"))
+    assert shared_memory(cpus, 0, 1, big) and not shared_memory(gpus, 0, 1, big)
+    assert not shared_memory(cpus, 0, 1, MIN_BYTES - 1)
+    two_nodes = dataclasses.replace(cpus, nodes=2, devices_per_node=1)
+    assert not shared_memory(two_nodes, 0, 1, big)
+    assert posting_time(g, cpus, ["s"], 0) == pytest.approx(0.1 + big / 2e6)
+    assert posting_time(g, gpus, ["s"], 0) == pytest.approx(0.1 + big / 1e6)
+    assert receiving_time(g, cpus, "c", {"s"}, set(), 1) == 0.0
+    assert receiving_time(g, gpus, "c", {"s"}, set(), 1) == pytest.approx(big / 1e6)
+    (t,) = simulate_graph(g, cpus, exchange="direct").transfers
+    assert t.nbytes == 0 and t.end - t.start == pytest.approx(0.25)
+
+
+def test_gradients_for_sums_wait_for_the_next_take_where_only_a_message_is_left():
+    """Data parallel on CPU workers of one node: every weight gradient goes through shared
+    memory or is small, so each worker sends one message a step (at its first sum), as the
+    engine does; on GPUs the large gradients leave after the layer that made them."""
+    net = rd.Sequential([rd.Dense(128, activation="relu"), rd.Dense(128, activation="relu"),
+                         rd.Dense(10)], input_shape=(96,))
+    gpus = cluster(devices=2, flops=1e9, bandwidth=1e9, latency=1e-5, per_task=1e-3)
+    cpus = dataclasses.replace(gpus, device=Device(1e9, 1e9, kind="cpu"))
+
+    def grad_messages(spec):
+        p = simulate(net, rd.data_parallel(2), 64, spec, rd.SGD(), exchange="direct")
+        return len([t for t in p.transfers if "/grad/" in t.name])
+
+    assert grad_messages(cpus) == 2  # one each way
+    assert grad_messages(gpus) > 2
 
 
 def test_direct_worker_task_holds_its_device():

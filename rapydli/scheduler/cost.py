@@ -48,6 +48,11 @@ only by outputs and the outputs themselves. The replay then differs in this:
   bandwidth plus ``overhead.mail_latency`` (a mailbox's one-way trip, far shorter than a Dask
   transfer's; across nodes plus the inter-node link's extra latency; 0: the link's latency).
   Links are shared as above;
+- between CPU devices of one node a tile of at least ``MIN_BYTES`` goes through shared memory
+  (:mod:`rapydli.scheduler.shared`): posting it costs the sender its bytes at the device's
+  memory bandwidth (a copy), the link carries none of them and the reader pays nothing; sends
+  that only sums read and that cost only a message (shared memory, or a small tile) leave
+  with the op before their program's next take, as the engine defers them;
 - the other Dask tasks start ``overhead.dispatch`` after the worker task they read ended as a
   whole (their inputs then travel as in the graph exchange).
 

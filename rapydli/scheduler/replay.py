@@ -12,12 +12,14 @@ from the replay.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rapydli.graph.fuse import SOLO, fuse
 from rapydli.scheduler.cluster_spec import ClusterSpec
+from rapydli.scheduler.shared import MIN_BYTES
 
 #: device seconds of one tile op, by op key (:func:`rapydli.scheduler.cost.op_seconds`)
 OpTime = Callable[[str], float]
@@ -120,18 +122,47 @@ def _pending(units: dict[str, _Unit]) -> dict[str, _Unit]:
     return units
 
 
-def _carriers(graph, keys: list[str], mail: set[str]) -> dict[str, str]:
+def shared_memory(cluster: ClusterSpec, src: int, dest: int, nbytes: int) -> bool:
+    """Whether a posted tile travels through shared memory (:mod:`rapydli.scheduler.shared`):
+    CPU workers of one node, a tile of at least ``MIN_BYTES``. Its bytes then cost the sender
+    a copy at the device's memory bandwidth and neither the link nor the reader anything."""
+    return (cluster.device.kind == "cpu" and cluster.node_of(src) == cluster.node_of(dest)
+            and nbytes >= MIN_BYTES)
+
+
+def _deferred(graph, cluster: ClusterSpec, send: str) -> bool:
+    """Whether a mail send's tile waits for its program's next take (see
+    :meth:`rapydli.scheduler.mailbox.Exchange.flush`): only sums read it, and it costs only
+    a message (shared memory, or a small tile)."""
+    op = graph.op(send)
+    readers = [graph.op(r) for r in graph.successors(send)]
+    return all(r.kind == "reduce" and (shared_memory(cluster, op.worker, r.worker, op.nbytes)
+                                       or op.nbytes < MIN_BYTES) for r in readers)
+
+
+def _carriers(graph, keys: list[str], mail: set[str],
+              cluster: ClusterSpec | None = None) -> dict[str, str]:
     """Mail send -> the op of the same program after whose end its tile leaves: the last of
     the run of consecutive mail sends it is in (the engine posts them in one message per
-    receiving worker, when the next op that posts nothing starts or takes a tile)."""
+    receiving worker, when the next op that posts nothing starts or takes a tile). With a
+    ``cluster``, a run whose every tile may wait (:func:`_deferred`) leaves with the op
+    before the program's next take instead, or its last op."""
     carrier: dict[str, str] = {}
     run: list[str] = []
-    for key in [*keys, None]:
+    waiting: list[str] = []  # deferred sends, until the next take
+    for i, key in enumerate([*keys, None]):
         reads_mail = key is not None and any(p in mail for p in graph.predecessors(key))
         if key in mail and not reads_mail:
             run.append(key)
             continue
-        carrier.update((k, run[-1]) for k in run)
+        if cluster is not None and run and all(_deferred(graph, cluster, k) for k in run):
+            waiting += run
+        elif run:  # the message leaves now, with what waited
+            carrier.update((k, run[-1]) for k in [*waiting, *run])
+            waiting = []
+        if waiting and (reads_mail or key is None):
+            carrier.update((k, keys[i - 1]) for k in waiting)
+            waiting = []
         run = [key] if key in mail else []
     return carrier
 
@@ -145,13 +176,15 @@ def posting_time(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> 
     devices have cores of their own."""
     if not cluster.node_flops:
         return 0.0
-    dests: dict[int, int] = {}
+    dests: dict[int, float] = {}
     for mail in sends:
         for reader in graph.successors(mail):
-            dest = graph.op(reader).worker
-            dests[dest] = dests.get(dest, 0) + graph.op(mail).nbytes
-    return sum(cluster.overhead.per_message + n / cluster.link(worker, d).bandwidth
-               for d, n in dests.items())
+            dest, nbytes = graph.op(reader).worker, graph.op(mail).nbytes
+            copy = shared_memory(cluster, worker, dest, nbytes)
+            rate = (cluster.device.memory_bandwidth or float("inf")) if copy else \
+                cluster.link(worker, dest).bandwidth
+            dests[dest] = dests.get(dest, 0.0) + nbytes / rate
+    return sum(cluster.overhead.per_message + seconds for seconds in dests.values())
 
 
 def receiving_time(graph, cluster: ClusterSpec, key: str, mail: set[str], taken: set[str],
@@ -163,9 +196,9 @@ def receiving_time(graph, cluster: ClusterSpec, key: str, mail: set[str], taken:
     for ref in graph.op(key).inputs:
         if ref.key in mail and ref.key not in taken:
             taken.add(ref.key)
-            if cluster.node_flops:
-                src = graph.op(ref.key).worker
-                seconds += graph.op(ref.key).nbytes / cluster.link(src, worker).bandwidth
+            src, nbytes = graph.op(ref.key).worker, graph.op(ref.key).nbytes
+            if cluster.node_flops and not shared_memory(cluster, src, worker, nbytes):
+                seconds += nbytes / cluster.link(src, worker).bandwidth
     return seconds
 
 
@@ -201,7 +234,7 @@ def direct_units(graph, cluster: ClusterSpec, mail: set[str],
     for i, (name, owner, keys) in enumerate(groups):
         worker = _place(graph, owner, keys, unit_of, units)
         if owner is not None and any(k in mail or graph.op(k).kind not in SOLO for k in keys):
-            carriers = _carriers(graph, keys, mail)
+            carriers = _carriers(graph, keys, mail, cluster)
             _program(graph, cluster, op_time, name, worker, keys, i, units, carriers, mail)
             unit_of.update((k, k) for k in keys)
             carrier.update(carriers)
@@ -218,8 +251,12 @@ def direct_units(graph, cluster: ClusterSpec, mail: set[str],
                 src = task_of.get(ref.key)
                 if src is None or src == name:
                     continue  # a placeholder, or an earlier op of the same task
-                if ref.key in mail:
-                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, ref, mail=True)
+                if ref.key in mail:  # through shared memory, only the message travels
+                    src_worker, dest = graph.op(ref.key).worker, graph.op(key).worker
+                    travels = dataclasses.replace(ref, nbytes=0) if shared_memory(
+                        cluster, src_worker, dest, ref.nbytes) else ref
+                    _link(units[carrier[ref.key]], units[unit_of[key]], 0.0, travels,
+                          mail=True)
                 else:
                     _link(units[last[src]], units[first[name]], cluster.overhead.dispatch, ref)
     return _pending(units), len(groups)
