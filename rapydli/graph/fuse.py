@@ -98,10 +98,13 @@ def mail_order(graph, mail: set[str]) -> list[str]:
     Among the ops ready at a time, mail sends go first (the tile leaves as soon as it exists,
     so its transfer overlaps what the sender computes next) and ops that read mail go last
     (a worker computes all it can before it waits); among those, the one whose last tile is
-    posted earliest (by the order without this rule) goes first: in data parallel the last
-    layer's gradient sum and update run while the first layer's gradients, computed last,
-    are still on their way. Every worker following the same order is what makes the exchange
-    deadlock-free.
+    posted earliest (by the order without this rule) goes first. Among the other ops, the one
+    with the most FLOPs still waiting behind it (:func:`bottom_levels`) goes first: in data
+    parallel each worker runs the chain of input gradients first, then the weight gradients
+    from the first layer up (a layer's backward pass is two ops there, see
+    :meth:`rapydli.graph.lower._Lowering.split_backward`), so the first layer's gradients,
+    which the next step needs first, are posted, summed and applied first. Every worker
+    following the same order is what makes the exchange deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}
     level = bottom_levels(graph)
