@@ -88,6 +88,22 @@ def test_the_limit_sends_the_rest_by_message():
         segments.close()
 
 
+def test_a_full_shared_memory_sends_by_message_and_leaves_no_file(pool, monkeypatch):
+    """Where /dev/shm has no room (a container's 64 MiB, say), making a segment fails at once
+    and the tile goes inside its message: nothing is written past the end of the memory."""
+    import errno
+
+    segments, _ = pool
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shared.os, "posix_fallocate", full)
+    before = set(os.listdir(shared.SHM_DIR))
+    assert segments.pack(_big()) is None
+    assert segments.segments == [] and set(os.listdir(shared.SHM_DIR)) == before
+
+
 def test_closing_deletes_the_segments_and_a_probe_tells_who_shares_memory(pool):
     segments, mappings = pool
     tile = segments.pack(_big())
