@@ -119,6 +119,7 @@ def test_closing_deletes_the_segments_and_a_probe_tells_who_shares_memory(pool):
     segments.close()
     assert not os.path.exists(tile.path)
     np.testing.assert_array_equal(got, _big())  # a tile still read stays valid
+    assert segments.pack(_big()) is None and segments.segments == []  # none made after close
 
 
 def _wide():

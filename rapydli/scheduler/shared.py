@@ -95,6 +95,8 @@ class Segments:
         self.held = 0
         #: per receiving mailbox name: whether its probe is visible (memory is shared)
         self._shares: dict[str, bool] = {}
+        #: set by :meth:`close`: a task still posting sends by message (no file made after it)
+        self.closed = False
         self._lock = threading.Lock()
 
     def shares_with(self, name: str) -> bool:
@@ -114,7 +116,7 @@ class Segments:
         if not isinstance(value, np.ndarray) or value.nbytes < MIN_BYTES or value.dtype.hasobject:
             return None
         with self._lock:
-            segment = self._segment_for(value.nbytes)
+            segment = None if self.closed else self._segment_for(value.nbytes)
             if segment is None:
                 return None
             path, mapping, _ = segment
@@ -151,6 +153,7 @@ class Segments:
     def close(self) -> None:
         """Delete every segment (mappings still read by someone stay valid until let go)."""
         with self._lock:
+            self.closed = True
             for path, mapping, _ in self.segments:
                 _remove(path)
                 try:
