@@ -98,13 +98,15 @@ def mail_order(graph, mail: set[str]) -> list[str]:
     Among the ops ready at a time, mail sends go first (the tile leaves as soon as it exists,
     so its transfer overlaps what the sender computes next) and ops that read mail go last
     (a worker computes all it can before it waits); among those, the one whose last tile is
-    posted earliest (by the order without this rule) goes first. Among the other ops, the one
-    with the most FLOPs still waiting behind it (:func:`bottom_levels`) goes first: in data
-    parallel each worker runs the chain of input gradients first, then the weight gradients
-    from the first layer up (a layer's backward pass is two ops there, see
+    posted earliest (by the order without this rule) goes first. Among the other ops, backward
+    ops go first, the one with the most FLOPs still waiting behind it (:func:`bottom_levels`)
+    first: in data parallel each worker runs the chain of input gradients first, then the
+    weight gradients from the first layer up (a layer's backward pass is two ops there, see
     :meth:`rapydli.graph.lower._Lowering.split_backward`), so the first layer's gradients,
-    which the next step needs first, are posted, summed and applied first. Every worker
-    following the same order is what makes the exchange deadlock-free.
+    which the next step needs first, are posted, summed and applied first. The rest keep the
+    graph's order (forward and update ops have no choice worth making there, and loads, which
+    wait for nothing, would all go first). Every worker following the same order is what makes
+    the exchange deadlock-free.
     """
     index = {key: i for i, key in enumerate(graph.nodes)}
     level = bottom_levels(graph)
@@ -117,7 +119,9 @@ def mail_order(graph, mail: set[str]) -> list[str]:
                 return (0, 0, index[key])
             if key in reads_mail:
                 return (2, max(posted.get(p, 0) for p in reads_mail[key]), index[key])
-            return (1, -level[key], index[key])
+            if graph.op(key).phase == "backward":  # the critical path first, see above
+                return (1, -level[key], index[key])
+            return (1, 0, index[key])
 
         return list(nx.lexicographical_topological_sort(graph, key=rank))
 
