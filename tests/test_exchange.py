@@ -99,6 +99,24 @@ def test_weight_gradients_leave_lowest_layer_first_after_the_input_gradients():
     assert all(order.index(k) < first_sum for k in order if k in mail)
 
 
+@pytest.mark.parametrize("placement", [rd.data_parallel(2), rd.model_parallel(2)],
+                         ids=["dp2", "mp2"])
+def test_an_unrolled_task_loads_each_batch_when_the_one_before_is_in_use(placement):
+    """Loads wait for nothing, so a worker about to wait for a tile would load every step of
+    its task at once and hold all the batches; each load comes after the first reader of the
+    worker's previous load instead, so a worker holds about two steps' batches."""
+    steps = 6
+    graph = unroll(lower(_mlp(), placement, 32, "train", OPTIMIZER), steps)
+    order = mail_order(graph, mail_sends(graph))
+    for worker in (0, 1):
+        mine = [k for k in order if graph.op(k).worker == worker]
+        loads = [k for k in mine if graph.op(k).kind == "load"]
+        assert len(loads) >= steps  # inputs (and targets, where the loss is)
+        for before, load in zip(loads, loads[1:]):
+            first_reader = min(mine.index(r) for r in graph.successors(before))
+            assert mine.index(load) > first_reader, (before, load)
+
+
 def _runs_to_the_end(graph, order: list[str], mail: set[str]) -> bool:
     """Play the workers' programs as the direct exchange runs them: each worker runs its next
     op once every input exists, a mail input only once its send ran on the other worker."""
