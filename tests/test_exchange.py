@@ -6,6 +6,7 @@ against the graph exchange and the single worker on the in-process cluster; fail
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -112,7 +113,7 @@ def test_an_unrolled_task_loads_each_batch_when_the_one_before_is_in_use(placeme
         mine = [k for k in order if graph.op(k).worker == worker]
         loads = [k for k in mine if graph.op(k).kind == "load"]
         assert len(loads) >= steps  # inputs (and targets, where the loss is)
-        for before, load in zip(loads, loads[1:]):
+        for before, load in itertools.pairwise(loads):
             first_reader = min(mine.index(r) for r in graph.successors(before))
             assert mine.index(load) > first_reader, (before, load)
 
