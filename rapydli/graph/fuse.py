@@ -32,6 +32,12 @@ SPLIT_BYTES = 1 << 20
 REDUCE_SPLIT_BYTES = 16 << 20
 
 
+def only_summed(graph, key: str) -> bool:
+    """Whether only ``reduce`` ops (partial sums: data-parallel gradients) read op ``key``'s
+    output: nothing needs it before the reader's own partial is made."""
+    return all(graph.op(s).kind == "reduce" for s in graph.successors(key))
+
+
 def _splits(graph, key: str, split_bytes: int, reduce_split_bytes: int) -> bool:
     """Whether the coarse task ends after op ``key``: it sends enough to other workers."""
     to_reduce = other = 0
@@ -39,7 +45,7 @@ def _splits(graph, key: str, split_bytes: int, reduce_split_bytes: int) -> bool:
         op = graph.op(s)
         if op.kind != "send":
             continue
-        if all(graph.op(t).kind == "reduce" for t in graph.successors(s)):
+        if only_summed(graph, s):
             to_reduce += op.nbytes
         else:
             other += op.nbytes
@@ -103,7 +109,7 @@ def _paced_loads(graph, index: dict[str, int]):
         worker = graph.op(key).worker
         before = previous.get(worker)
         previous[worker] = key
-        readers = [r for r in graph.successors(before)] if before else []
+        readers = list(graph.successors(before)) if before else []
         if readers:
             paced.add_edge(min(readers, key=index.__getitem__), key)
     # loads read only placeholders, so no such edge should close a cycle; a graph where one

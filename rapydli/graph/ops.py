@@ -213,7 +213,7 @@ def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...], inplace
     return (new_weight, *(new_state[s] for s in slots))
 
 
-def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
+def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -> dict:
     """Run a fused chain of ops in order; returns the outputs in ``keep``, by key.
 
     ``program`` is a tuple of ``(key, fn, input slots, kwargs, post)``; an input slot is
@@ -222,11 +222,13 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
     ``post`` is ``()`` or ``(mesh workers this op's output is posted to, whether only sums
     read it)``; posts of consecutive ops leave together, and those only sums read may wait
     for the task's next take (see :meth:`rapydli.scheduler.mailbox.Exchange.flush`). Mail
-    goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`).
+    goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`). ``drops``:
+    ``drop_plan(program, keep)``, where the caller has it already (a plan's tasks do).
     """
     env: dict[Any, Any] = dict(enumerate(values))
     seconds = _OP_SECONDS
-    drops = _drops(program, keep)
+    if drops is None:
+        drops = drop_plan(program, keep)
     for i, (key, fn, slots, kwargs, post) in enumerate(program):
         if exchange is not None and not post:  # tiles posted by the ops just run leave now
             exchange.flush(urgent_only=True)
@@ -250,7 +252,7 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None) -> dict:
     return {k: env[k] for k in keep}
 
 
-def _drops(program: tuple, keep: tuple) -> list[list]:
+def drop_plan(program: tuple, keep: tuple) -> tuple[tuple, ...]:
     """For each op of ``program``, the values :func:`run_fused` no longer needs once it ran:
     the inputs it was the last to read and its own output when nothing reads it, except what
     ``keep`` returns. Without this, an unrolled task of k steps held all k steps' activations
@@ -265,7 +267,7 @@ def _drops(program: tuple, keep: tuple) -> list[list]:
     for src, i in last.items():
         if src not in kept:
             drops[i].append(src)
-    return drops
+    return tuple(map(tuple, drops))
 
 
 #: seconds per op function added up by :func:`run_fused` while :func:`time_ops` is on

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from dask._task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-from rapydli.graph.fuse import fuse, mail_sends
-from rapydli.graph.ops import Ref, aligned, pick, run_fused
+from rapydli.graph.fuse import fuse, mail_sends, only_summed
+from rapydli.graph.ops import Ref, aligned, drop_plan, pick, run_fused
 
 
 @dataclass(frozen=True)
 class FusedTask:
-    """One Dask task: ``run_fused(program, keep, prefixes, *externals)`` on ``worker``.
+    """One Dask task: ``run_fused(program, keep, *externals)`` on ``worker``.
 
     ``externals`` are ``("task", name)`` (another task's output dict) or ``("ph", key)``
-    (a placeholder bound per step). ``mail``: the task posts or takes tiles in a direct
-    exchange, so it runs with its worker's :class:`~rapydli.scheduler.mailbox.Exchange`.
+    (a placeholder bound per step). ``drops``: when the program lets go of each value
+    (:func:`rapydli.graph.ops.drop_plan`), worked out once here rather than by every task
+    that runs it. ``mail``: the task posts or takes tiles in a direct exchange, so it runs
+    with its worker's :class:`~rapydli.scheduler.mailbox.Exchange`.
     """
 
     name: str
@@ -31,6 +33,7 @@ class FusedTask:
     keep: tuple[str, ...]
     externals: tuple[tuple[str, str], ...]
     ops: tuple[str, ...]
+    drops: tuple
     mail: bool = False
 
 
@@ -54,7 +57,7 @@ class Bound:
     alone: bool = False
 
 
-def run_task(program, keep, prefixes, exchange, after, *values):
+def run_task(program, keep, drops, prefixes, exchange, after, *values):
     """Entry point of every Dask task of a plan: pick bound values (realigned where they
     arrived misaligned, see :func:`aligned`), then run the ops. ``exchange`` posts and takes
     the tiles of a direct exchange (``None`` in the graph exchange); a task that fails tells
@@ -63,9 +66,9 @@ def run_task(program, keep, prefixes, exchange, after, *values):
     makes every worker run those tasks in the order they were submitted."""
     values = tuple(aligned(pick(v, p)) for v, p in zip(values, prefixes))
     if exchange is None:
-        return run_fused(program, keep, *values)
+        return run_fused(program, keep, *values, drops=drops)
     try:
-        return run_fused(program, keep, *values, exchange=exchange)
+        return run_fused(program, keep, *values, exchange=exchange, drops=drops)
     except BaseException as error:
         exchange.fail(error)
         raise
@@ -136,16 +139,16 @@ class StepPlan:
                 slots.append((externals.index(ext), path))
             post = ()
             if key in self.mail:  # (receiving workers, whether only sums read it)
-                readers = [graph.op(s) for s in graph.successors(key)]
-                post = (tuple(sorted({r.worker for r in readers})),
-                        all(r.kind == "reduce" for r in readers))
+                post = (tuple(sorted({graph.op(s).worker for s in graph.successors(key)})),
+                        only_summed(graph, key))
             program.append((key, op.fn, tuple(slots), op.kwargs, post))
         keep = tuple(k for k in keys if k in wanted or (k not in self.mail and any(
             self.task_of.get(s) != name for s in graph.successors(k))))
         mail = any(k in self.mail for k in keys) or any(
             p in self.mail for k in keys for p in graph.predecessors(k))
-        return FusedTask(name, worker, tuple(program), keep, tuple(externals), tuple(keys),
-                         mail)
+        program = tuple(program)
+        return FusedTask(name, worker, program, keep, tuple(externals), tuple(keys),
+                         drop_plan(program, keep), mail)
 
     @property
     def n_tasks(self) -> int:
@@ -179,8 +182,8 @@ class StepPlan:
             mailer = exchange(task.worker) if task.mail else None
             before = (after or {}).get(task.worker) if task.mail else None
             layers[self._layer_of[task.name]][(task.name, step)] = Task(
-                (task.name, step), run_task, task.program, task.keep, tuple(prefixes), mailer,
-                before, *args)
+                (task.name, step), run_task, task.program, task.keep, task.drops,
+                tuple(prefixes), mailer, before, *args)
         hl_layers = {}
         for lname, tasks in layers.items():
             annotations = None

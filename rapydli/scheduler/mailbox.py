@@ -19,7 +19,6 @@ its error to its peers, so that no worker waits for a peer that will never send.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import time
@@ -29,8 +28,8 @@ from typing import ClassVar
 
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
-from rapydli.scheduler.shared import (MIN_BYTES, Mappings, Segments, SharedTile, make_probe,
-                                      probe_path, remove_files)
+from rapydli.scheduler.shared import (MIN_BYTES, Mappings, Segments, SharedTile, close_shared,
+                                      make_probe, remove_files)
 
 #: seconds a take waits for a tile before giving up (a step that computes this long between
 #: two exchanges is far beyond anything the engine plans)
@@ -72,7 +71,7 @@ class Mailbox:
         make_probe(name)
         #: deletes the probe and the segments: at close, when the worker lets go of the actor
         #: (an engine dropped without closing), or when the process exits
-        self._remove_files = weakref.finalize(self, _remove_files, name, self.segments,
+        self._remove_files = weakref.finalize(self, close_shared, name, self.segments,
                                               self.mappings)
         Mailbox._here[name] = self
 
@@ -151,15 +150,6 @@ class Mailbox:
         self._remove_files()
         for name in peers:
             remove_files(name)
-
-
-def _remove_files(name: str, segments: Segments, mappings: Mappings) -> None:
-    try:
-        os.unlink(probe_path(name))
-    except OSError:
-        pass
-    segments.close()
-    mappings.close()
 
 
 @dataclass

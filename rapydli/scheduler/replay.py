@@ -17,7 +17,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rapydli.graph.fuse import SOLO, fuse
+from rapydli.graph.fuse import SOLO, fuse, only_summed
 from rapydli.scheduler.cluster_spec import ClusterSpec
 from rapydli.scheduler.shared import MIN_BYTES
 
@@ -135,9 +135,9 @@ def _deferred(graph, cluster: ClusterSpec, send: str) -> bool:
     :meth:`rapydli.scheduler.mailbox.Exchange.flush`): only sums read it, and it costs only
     a message (shared memory, or a small tile)."""
     op = graph.op(send)
-    readers = [graph.op(r) for r in graph.successors(send)]
-    return all(r.kind == "reduce" and (shared_memory(cluster, op.worker, r.worker, op.nbytes)
-                                       or op.nbytes < MIN_BYTES) for r in readers)
+    return only_summed(graph, send) and (op.nbytes < MIN_BYTES or all(
+        shared_memory(cluster, op.worker, graph.op(r).worker, op.nbytes)
+        for r in graph.successors(send)))
 
 
 def _carriers(graph, keys: list[str], mail: set[str],

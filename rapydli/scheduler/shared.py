@@ -77,6 +77,13 @@ def remove_files(name: str) -> None:
         _remove(path)
 
 
+def close_shared(name: str, segments: Segments, mappings: Mappings) -> None:
+    """Mailbox ``name``'s shared memory goes: its probe, its segments, its mappings."""
+    _remove(probe_path(name))
+    segments.close()
+    mappings.close()
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
