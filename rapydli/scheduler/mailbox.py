@@ -184,7 +184,8 @@ class Exchange:
         time that the kernels would otherwise have (data parallel MLP, 2 worker processes on
         2 cores: 26.8 ms a step against 28.1 ms with a message per layer). Tiles a peer may
         be waiting for, and large ones travelling inside the message, leave at once, so that
-        their transfer overlaps what this worker computes next.
+        their transfer overlaps what this worker computes next. The simulator states the same
+        rule from a cluster spec (:func:`rapydli.scheduler.replay._deferred`): change both.
         """
         if not self._outbox:
             return
