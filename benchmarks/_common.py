@@ -121,10 +121,12 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
 
     Up to ``rapydli.trainer.MAX_IN_FLIGHT`` steps are in flight beyond the one whose metrics
     are collected next; the clock stops when the last step's metrics are on the client.
-    ``steps_per_task`` steps are unrolled into one graph, as ``fit(steps_per_task=...)``
-    does; pass a :class:`rapydli.trainer.TaskSize` to size the graphs as ``"auto"`` does (it
-    keeps what it measured from one call to the next).
+    As in ``fit``, this process's heap is settled as results arrive (see
+    :mod:`rapydli.scheduler.heap`). ``steps_per_task`` steps are unrolled into one graph, as
+    ``fit(steps_per_task=...)`` does; pass a :class:`rapydli.trainer.TaskSize` to size the
+    graphs as ``"auto"`` does (it keeps what it measured from one call to the next).
     """
+    from rapydli.scheduler import heap
     from rapydli.trainer import MAX_IN_FLIGHT, TaskSize
 
     size = steps_per_task if isinstance(steps_per_task, TaskSize) else \
@@ -143,9 +145,11 @@ def run_steps(engine, indices, data: str = "train", max_in_flight: int | None = 
             bound, n = pending.pop(0)
             engine.value(bound)
             size.arrived(n)
+            heap.settle()
     for bound, n in pending:
         engine.value(bound)
         size.arrived(n)
+        heap.settle()
     return time.perf_counter() - start
 
 

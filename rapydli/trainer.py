@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from rapydli.scheduler import heap
 from rapydli.scheduler.engine import Engine
 
 #: most training steps submitted ahead of the one whose metrics were last collected
@@ -180,11 +181,12 @@ class Trainer:
 
     def run(self, epochs: int) -> None:
         errors = _lost_worker_errors() if self.client is not None else ()
-        while self.epoch <= epochs:
-            try:
-                self._epoch(epochs)
-            except errors as exc:
-                self._recover(exc)
+        with heap.settled():  # no full garbage collection walks this process's whole heap
+            while self.epoch <= epochs:
+                try:
+                    self._epoch(epochs)
+                except errors as exc:
+                    self._recover(exc)
         if self.checkpoints is not None and self._saved_step != self.step:
             self.take_snapshot(save=True)
 
@@ -222,6 +224,7 @@ class Trainer:
             self.sums[1] += int(n_correct)
             self.sums[2] += n
         self.task_size.arrived(len(chunk))
+        heap.settle()
         self.epoch_step += len(chunk)
         self.step += len(chunk)
         if self.bar is not None:

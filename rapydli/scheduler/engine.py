@@ -37,6 +37,7 @@ from rapydli.graph.tiles import relative
 from rapydli.graph.to_dask import Bound, Loc, StepPlan
 from rapydli.graph.unroll import unroll
 from rapydli.placement import single
+from rapydli.scheduler import heap
 from rapydli.scheduler.cluster import bind_workers
 
 #: engine phases and the transitions between them
@@ -94,6 +95,8 @@ class Engine:
                               else [None] * self.placement.mesh.size)
         #: per mesh worker: does it compute on a GPU (CuPy arrays)?
         resources = _worker_resources(client)
+        if client is not None:
+            heap.register(client)  # no full garbage collection walks the workers' whole heap
         self.on_gpu: list[bool] = [_wants_gpu(device, resources.get(w, {})) for w in self.workers]
         #: step plans by (batch, mode)
         self.plans: dict[tuple[int, str], StepPlan] = {}
