@@ -141,6 +141,52 @@ def test_unrolled_steps_equal_separate_steps(client, problem, placement):
         np.testing.assert_array_equal(three.opt_state[key], value)
 
 
+def _worker_task_states(client) -> int:
+    """Tasks the busiest worker still keeps in its state (released ones included), once the
+    releases in flight have arrived (two equal readings)."""
+    import time
+
+    last = None
+    for _ in range(50):
+        now = max(client.run(lambda dask_worker: len(dask_worker.state.tasks)).values())
+        if now == last:
+            break
+        last = now
+        time.sleep(0.02)
+    return now
+
+
+@pytest.mark.parametrize("placement,exchange", [(None, "auto"), (rd.hybrid(1, 2), "graph"),
+                                               (rd.data_parallel(3), "direct")],
+                         ids=["single", "hybrid12-graph", "dp3-direct"])
+def test_rerooting_lets_workers_forget_old_steps_and_keeps_the_numbers(
+        client, problem, monkeypatch, placement, exchange):
+    """Every step reads the step before: without re-rooting, the workers keep a task state
+    for every step run; with it, a bounded number. The numbers do not change."""
+    from rapydli.scheduler import engine as engine_module
+
+    net, x, y = problem
+    kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=4, batch_size=8, seed=2,
+                  placement=placement, client=client, steps_per_task=1, exchange=exchange)
+    growth = []
+    for every in (10**6, 4):  # never, then every 4 steps
+        monkeypatch.setattr(engine_module, "REROOT_EVERY", every)
+        states: list[int] = []
+        history = rd.fit(net, x, y, on_epoch=lambda row, states=states: states.append(
+            _worker_task_states(client)), **kwargs)
+        growth.append(states[-1] - states[0])  # over the last 3 epochs
+        if every > 100:
+            kept = history
+    steps = len(x) // 8  # per epoch
+    assert growth[0] >= 2 * steps  # about a task state kept per step run, or more
+    assert growth[1] < steps  # what the last re-root has not let go yet, at most
+    assert history["loss"] == kept["loss"]
+    for key, value in kept.params.items():
+        np.testing.assert_array_equal(history.params[key], value)
+    for key, value in kept.opt_state.items():
+        np.testing.assert_array_equal(history.opt_state[key], value)
+
+
 def test_auto_task_size_follows_the_measured_step_time(monkeypatch):
     from rapydli import trainer
 

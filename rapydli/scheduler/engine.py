@@ -22,6 +22,7 @@ compared with; with a larger mesh it runs that placement's exact plan without a 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import uuid
@@ -44,6 +45,10 @@ from rapydli.scheduler.cluster import bind_workers
 TRANSITIONS = {"new": {"ready", "closed"}, "ready": {"ready", "closed"}, "closed": set()}
 #: how tiles travel between workers (see the module doc); "auto": direct where it can run
 EXCHANGES = ("auto", "direct", "graph")
+
+#: training graphs (of ``steps_per_task`` steps each) submitted between two re-roots of an
+#: engine's resident values (see :meth:`Engine.reroot`); each drains the steps in flight once
+REROOT_EVERY = 256
 
 #: per (client, worker address): ``(engine token, future)`` of the last direct-exchange task
 #: submitted there through that client; the next one, of whichever engine, waits for it.
@@ -114,6 +119,8 @@ class Engine:
         self._init_seed: int | None = None
         self._steps = itertools.count()
         self._token = uuid.uuid4().hex[:8]
+        #: training graphs submitted since the resident values were last re-rooted
+        self._since_reroot = 0
 
     def _move(self, phase: str) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -275,7 +282,48 @@ class Engine:
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
                 self.resident[key] = bound
+            self._since_reroot += 1
+            if self._since_reroot >= REROOT_EVERY:
+                self.reroot()
         return outputs
+
+    def reroot(self) -> None:
+        """Make the resident values (weights, optimizer state) the results of tasks with no
+        dependencies, so that the workers forget the tasks of every step before.
+
+        Each step's tasks read the results of the step before, so the steps of a training
+        form one unbroken chain of Dask dependencies; and a Dask worker forgets a released
+        task only once it holds no task that depends on it, so it would keep every step's
+        task (its state, its arguments and the step's program: 60-125 objects and 10-60 kB a
+        task) until the engine closes, a heap that grows for as long as the training runs.
+        Here the steps in flight finish, then each task result the resident values point
+        into is taken up, where it lies, by a new task with no dependencies
+        (:func:`_held`, no data copied); the next steps read those, and the workers forget
+        the chain. :meth:`run` does this every :data:`REROOT_EVERY` training graphs.
+        """
+        self._since_reroot = 0
+        if self.client is None:
+            return
+        from distributed import Future, wait
+
+        held: dict[str, tuple[Future, int]] = {}  # future key -> (future, mesh worker)
+        for key, bound in self.resident.items():
+            if isinstance(bound.value, Future):
+                info = self.resident_info[key]
+                held[bound.value.key] = (bound.value, info[3] if info[0] == "param" else info[4])
+        futures = [f for f, _ in held.values()]
+        wait(futures)
+        if any(f.status != "finished" for f in futures):
+            return  # a failed step: whoever collects its results raises, not this
+        fresh = {k: self.client.submit(_held, k, workers=[self.workers[w]],
+                                       allow_other_workers=False, pure=False)
+                 for k, (_, w) in held.items()}
+        wait(list(fresh.values()))
+        if any(f.status != "finished" for f in fresh.values()):
+            return  # a worker lost meanwhile: keep the chain, the next step fails over
+        for key, bound in self.resident.items():
+            if isinstance(bound.value, Future):
+                self.resident[key] = dataclasses.replace(bound, value=fresh[bound.value.key])
 
     def _submit_direct(self, plan, step: str, bindings: dict, wanted: list) -> dict:
         """Submit a direct-exchange step: each worker's task after the worker's previous
@@ -289,10 +337,11 @@ class Engine:
         chain = [(self.client.id, address) for address in self.workers]
         with _DIRECT_LOCK:
             # a failed or cancelled task is no order to keep: depending on it would fail
+            # nor is a finished one (and depending on it would chain every step to the last)
             after = {}
             for w, link in enumerate(chain):
                 _, future = _LAST_DIRECT.get(link, (None, None))
-                if future is not None and future.status in ("pending", "finished"):
+                if future is not None and future.status == "pending":
                     after[w] = future
             graph = plan.instantiate(step, bindings, self.workers, exchange, after)
             values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
@@ -416,6 +465,14 @@ def to_host(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_host(v) for v in value)
     return value.get() if type(value).__module__.split(".")[0] == "cupy" else value
+
+
+def _held(key):
+    """The value this worker holds as the result of task ``key``, as a result of its own: see
+    :meth:`Engine.reroot` (the engine holds ``key`` until this task is done)."""
+    from distributed import get_worker
+
+    return get_worker().data[key]
 
 
 def _draw_tile(network, seed: int, key: str, region, dtype: str, zeros: bool, gpu: bool):
