@@ -210,7 +210,7 @@ class Engine:
     def _draw(self, info: tuple):
         """A resident tile drawn where it lives (optimizer state starts at zero)."""
         kind, pkey = info[0], info[1]
-        region, worker = (info[2], info[3]) if kind == "param" else (info[3], info[4])
+        region, worker = _region_worker(info)
         args = (_draw_tile, self.network, self._init_seed, pkey, region, self.dtype.str,
                 kind != "param", self.on_gpu[worker])
         if self.client is None:
@@ -233,12 +233,11 @@ class Engine:
             self.resident_info[key] = info
         if key not in self.resident:
             kind, pkey = info[0], info[1]
+            region, worker = _region_worker(info)
             if kind == "param":
-                region, worker = info[2], info[3]
                 full = self._source[pkey]
             else:
-                slot, region, worker = info[2], info[3], info[4]
-                full = self._source.get(f"state/{slot}/{pkey}")
+                full = self._source.get(f"state/{info[2]}/{pkey}")
                 if full is None:
                     full = np.zeros_like(self._source[pkey])
             tile = np.array(full[relative(region, ((0, n) for n in full.shape))], order="C",
@@ -309,8 +308,7 @@ class Engine:
         held: dict[str, tuple[Future, int]] = {}  # future key -> (future, mesh worker)
         for key, bound in self.resident.items():
             if isinstance(bound.value, Future):
-                info = self.resident_info[key]
-                held[bound.value.key] = (bound.value, info[3] if info[0] == "param" else info[4])
+                held[bound.value.key] = (bound.value, _region_worker(self.resident_info[key])[1])
         futures = [f for f, _ in held.values()]
         wait(futures)
         if any(f.status != "finished" for f in futures):
@@ -401,7 +399,7 @@ class Engine:
             if info[0] != kind:
                 continue
             name = info[1] if kind == "param" else f"{info[2]}/{info[1]}"
-            region = info[2] if kind == "param" else info[3]
+            region = _region_worker(info)[0]
             if (name, region) in done:
                 continue
             done.add((name, region))
@@ -467,9 +465,15 @@ def to_host(value):
     return value.get() if type(value).__module__.split(".")[0] == "cupy" else value
 
 
+def _region_worker(info: tuple) -> tuple:
+    """``(region, mesh worker)`` of a resident placeholder's ``info``: ``("param", key,
+    region, worker)`` or ``("state", key, slot, region, worker)``."""
+    return (info[2], info[3]) if info[0] == "param" else (info[3], info[4])
+
+
 def _held(key):
-    """The value this worker holds as the result of task ``key``, as a result of its own: see
-    :meth:`Engine.reroot` (the engine holds ``key`` until this task is done)."""
+    """Task ``key``'s result, which this worker holds, returned as this task's own (the same
+    object, not a copy; see :meth:`Engine.reroot`, which holds ``key`` until this is done)."""
     from distributed import get_worker
 
     return get_worker().data[key]

@@ -16,8 +16,10 @@ a few thousand objects (0.6 ms). It runs after a task, at most once per :data:`C
 and only when the heap outside the permanent generation grew past :data:`MAX_OBJECTS`: the
 first step's kernels, a new network's. What the heap holds at steady state is unchanged, so
 settled processes stay settled. The cost: an object frozen while alive that later becomes
-unreachable within a reference cycle is never freed; a settle happens a handful of times per
-process, so this is bounded.
+unreachable within a reference cycle is never freed (one freed by its reference count goes as
+usual). A settle happens only when the unfrozen heap grew by :data:`MAX_OBJECTS`; over 100 s
+of data-parallel training in 4-step tasks a worker's frozen objects stayed between 170,000
+and 205,000, its memory flat.
 
 Workers settle through :class:`SettleHeap`, a Dask worker plugin an engine registers on its
 client; the training loop settles the client process with :func:`settled`, which puts the
