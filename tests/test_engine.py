@@ -42,6 +42,34 @@ def test_weights_stay_on_their_workers(client, problem):
     assert shards == [((0, 6), (0, 64)), ((6, 12), (0, 64))]
 
 
+@pytest.mark.parametrize("placement", [rd.hybrid(1, 2), rd.data_parallel(3)],
+                         ids=["hybrid12-graph", "dp3-direct"])
+def test_step_graphs_name_their_programs_instead_of_carrying_them(client, problem, placement):
+    """Each pinned task's (program, keep, drops) is sent to its worker once per plan; the
+    step graphs Dask receives, logs and keeps carry its key."""
+    import pickle
+
+    net, x, y = problem
+    exchange = "graph" if placement.mesh.size == 2 else "direct"
+    engine = Engine(net, placement, rd.SGD(lr=0.1), client, exchange=exchange)
+    engine.set_params(net.init(0))
+    engine.set_data("train", x, y)
+    for step in range(3):
+        engine.value(engine.run("train", np.arange(step * 16, step * 16 + 16))["metrics"])
+    plan = engine.plans[(16, "train", 1)]
+    specs = engine._specs[(16, "train", 1)]
+    pinned = {t.name: t for t in plan.tasks.values() if t.worker is not None}
+    assert set(specs) == set(pinned) and len(engine._specs) == 1  # sent once, reused
+    holders = client.who_has(list(specs.values()))
+    for name, future in specs.items():
+        assert list(holders[future.key]) == [engine.workers[pinned[name].worker]]
+        assert future.result() == pinned[name].spec()
+    task = pinned[max(pinned, key=lambda n: len(pinned[n].program))]
+    assert len(pickle.dumps(specs[task.name].key)) < len(pickle.dumps(task.spec())) / 20
+    engine.close()
+    assert engine._specs == {}
+
+
 def test_engines_pinned_to_chosen_workers_stay_there(client, problem):
     """Engine(workers=[...]) binds mesh workers to the named addresses: two single-worker
     engines on two different workers keep their weights there and compute what an

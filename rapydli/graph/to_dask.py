@@ -36,6 +36,10 @@ class FusedTask:
     drops: tuple
     mail: bool = False
 
+    def spec(self) -> tuple:
+        """``(program, keep, drops)``: what :func:`run_task` runs, the same for every step."""
+        return (self.program, self.keep, self.drops)
+
 
 @dataclass(frozen=True)
 class Loc:
@@ -57,13 +61,15 @@ class Bound:
     alone: bool = False
 
 
-def run_task(program, keep, drops, prefixes, exchange, after, *values):
+def run_task(spec, prefixes, exchange, after, *values):
     """Entry point of every Dask task of a plan: pick bound values (realigned where they
-    arrived misaligned, see :func:`aligned`), then run the ops. ``exchange`` posts and takes
+    arrived misaligned, see :func:`aligned`), then run the ops of ``spec``, the task's
+    ``(program, keep, drops)`` (see :meth:`FusedTask.spec`). ``exchange`` posts and takes
     the tiles of a direct exchange (``None`` in the graph exchange); a task that fails tells
     its peers through it, so none of them waits for tiles that will not come. ``after`` is
     the output of the same worker's previous direct-exchange task, unused: depending on it
     makes every worker run those tasks in the order they were submitted."""
+    program, keep, drops = spec
     values = tuple(aligned(pick(v, p)) for v, p in zip(values, prefixes))
     if exchange is None:
         return run_fused(program, keep, *values, drops=drops)
@@ -155,13 +161,17 @@ class StepPlan:
         return len(self.tasks)
 
     def instantiate(self, step, bindings: dict, workers: list[str], exchange=None,
-                    after=None):
+                    after=None, specs=None):
         """A ``HighLevelGraph`` for one step. ``bindings`` maps placeholders to :class:`Bound`.
 
         ``workers[i]`` is the address of mesh worker ``i``; task keys are ``(name, step)``.
         ``exchange(i)``: the object mail tasks of mesh worker ``i`` post and take tiles
         through (needed when the plan has mail, see :mod:`rapydli.scheduler.mailbox`).
         ``after[i]``: what mesh worker ``i``'s mail task must wait for (its previous one).
+        ``specs[name]``: what stands in the graph for task ``name``'s :meth:`FusedTask.spec`
+        (a future of it, already on the task's worker, so that a step's graph and every
+        record of it that Dask keeps carry a key instead of the program); a task not in it
+        carries its own.
         Each graph's mail tasks are deadlock-free among themselves (one shared op order); two
         graphs in flight at once (evaluation steps, say) are only if every worker runs them
         in the same order, which this dependency enforces.
@@ -181,8 +191,9 @@ class StepPlan:
                     prefixes.append(bound.path)
             mailer = exchange(task.worker) if task.mail else None
             before = (after or {}).get(task.worker) if task.mail else None
+            spec = (specs or {}).get(task.name)
             layers[self._layer_of[task.name]][(task.name, step)] = Task(
-                (task.name, step), run_task, task.program, task.keep, task.drops,
+                (task.name, step), run_task, task.spec() if spec is None else spec,
                 tuple(prefixes), mailer, before, *args)
         hl_layers = {}
         for lname, tasks in layers.items():

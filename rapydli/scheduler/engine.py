@@ -121,6 +121,8 @@ class Engine:
         self._token = uuid.uuid4().hex[:8]
         #: training graphs submitted since the resident values were last re-rooted
         self._since_reroot = 0
+        #: per plan key, the futures of its pinned tasks' specs, shipped to their workers
+        self._specs: dict[tuple, dict[str, object]] = {}
 
     def _move(self, phase: str) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -260,8 +262,10 @@ class Engine:
             raise RuntimeError("set_params(...) before running steps")
         batches = [np.asarray(i, dtype=np.int64) for i in index] if isinstance(index, list) \
             else [np.asarray(index, dtype=np.int64)]
-        plan = self.plan(batches[0].shape[-1], mode, len(batches))  # index: (batch,) or
+        plan_key = (int(batches[0].shape[-1]), mode, len(batches))  # index: (batch,) or
         # (n_workers, batch) when each worker numbers its own samples
+        plan = self.plan(*plan_key)
+        specs = self._specs_for(plan_key, plan)
         bindings = {}
         for key, info in plan.placeholders.items():
             if info[0] == "index":
@@ -273,10 +277,10 @@ class Engine:
         step = f"{self._token}-{next(self._steps)}"
         wanted = sorted({loc.task for loc in _leaves(plan.outputs)})
         if not plan.mail:
-            graph = plan.instantiate(step, bindings, self.workers, None, {})
+            graph = plan.instantiate(step, bindings, self.workers, None, {}, specs)
             values = dict(zip(wanted, self._compute(graph, [(t, step) for t in wanted])))
         else:
-            values = self._submit_direct(plan, step, bindings, wanted)
+            values = self._submit_direct(plan, step, bindings, wanted, specs)
         outputs = _resolve(plan.outputs, values)
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
@@ -285,6 +289,26 @@ class Engine:
             if self._since_reroot >= REROOT_EVERY:
                 self.reroot()
         return outputs
+
+    def _specs_for(self, plan_key: tuple, plan: StepPlan) -> dict:
+        """Futures of the specs (program, keep, drops) of ``plan``'s tasks pinned to a
+        worker, scattered there on first use and kept while the engine lives.
+
+        A step's graph then names its program instead of carrying it: the program of a
+        worker's task grows with the ops and steps it holds (hundreds of kB unrolled), and
+        Dask keeps the last thousand messages it sent each worker, and each worker the last
+        thousand it received, with the graphs in them (2 MB a task graph held in the client
+        process, data-parallel MLP at 64 steps a task). Sending it once also spares the
+        client, scheduler and worker its serialization every step."""
+        if self.client is None:
+            return {}
+        specs = self._specs.get(plan_key)
+        if specs is None:
+            specs = self._specs[plan_key] = {
+                t.name: self.client.scatter([t.spec()], workers=[self.workers[t.worker]],
+                                            hash=False)[0]  # one value, not three
+                for t in plan.tasks.values() if t.worker is not None}
+        return specs
 
     def reroot(self) -> None:
         """Make the resident values (weights, optimizer state) the results of tasks with no
@@ -323,7 +347,8 @@ class Engine:
             if isinstance(bound.value, Future):
                 self.resident[key] = dataclasses.replace(bound, value=fresh[bound.value.key])
 
-    def _submit_direct(self, plan, step: str, bindings: dict, wanted: list) -> dict:
+    def _submit_direct(self, plan, step: str, bindings: dict, wanted: list,
+                       specs: dict) -> dict:
         """Submit a direct-exchange step: each worker's task after the worker's previous
         direct task (:data:`_LAST_DIRECT`); a task that fails or is cancelled before it could
         tell its peers (a failed dependency) is reported to them from here. Returns the
@@ -341,7 +366,7 @@ class Engine:
                 _, future = _LAST_DIRECT.get(link, (None, None))
                 if future is not None and future.status == "pending":
                     after[w] = future
-            graph = plan.instantiate(step, bindings, self.workers, exchange, after)
+            graph = plan.instantiate(step, bindings, self.workers, exchange, after, specs)
             values = dict(zip(keys, self._compute(graph, [(t, step) for t in keys])))
             _LAST_DIRECT.update((chain[worker], (self._token, values[name]))
                                 for name, worker in mail.items())
@@ -426,6 +451,7 @@ class Engine:
             _release_chain(self.client.id, self.workers, self._token)
         self.resident.clear()
         self.data.clear()
+        self._specs.clear()
         self._move("closed")
 
     def __enter__(self) -> Engine:
