@@ -197,8 +197,8 @@ def test_rerooting_lets_workers_forget_old_steps_and_keeps_the_numbers(
     kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9), epochs=4, batch_size=8, seed=2,
                   placement=placement, client=client, steps_per_task=1, exchange=exchange)
     growth = []
-    for every in (10**6, 4):  # never, then every 4 steps
-        monkeypatch.setattr(engine_module, "REROOT_EVERY", every)
+    for every in (10**6, 12):  # never, then every 12 tasks (1-4 steps)
+        monkeypatch.setattr(engine_module, "REROOT_TASKS", every)
         states: list[int] = []
         history = rd.fit(net, x, y, on_epoch=lambda row, states=states: states.append(
             _worker_task_states(client)), **kwargs)

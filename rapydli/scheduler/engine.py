@@ -46,9 +46,11 @@ TRANSITIONS = {"new": {"ready", "closed"}, "ready": {"ready", "closed"}, "closed
 #: how tiles travel between workers (see the module doc); "auto": direct where it can run
 EXCHANGES = ("auto", "direct", "graph")
 
-#: training graphs (of ``steps_per_task`` steps each) submitted between two re-roots of an
-#: engine's resident values (see :meth:`Engine.reroot`); each drains the steps in flight once
-REROOT_EVERY = 256
+#: Dask tasks of training steps submitted between two re-roots of an engine's resident values
+#: (see :meth:`Engine.reroot`): about what each worker and the scheduler keep at most of the
+#: steps before; each re-root drains the steps in flight once (a data-parallel step graph
+#: holds a few tasks, so every thousand or so graphs; one of the graph exchange, dozens)
+REROOT_TASKS = 4096
 
 #: per (client, worker address): ``(engine token, future)`` of the last direct-exchange task
 #: submitted there through that client; the next one, of whichever engine, waits for it.
@@ -119,7 +121,7 @@ class Engine:
         self._init_seed: int | None = None
         self._steps = itertools.count()
         self._token = uuid.uuid4().hex[:8]
-        #: training graphs submitted since the resident values were last re-rooted
+        #: tasks of training steps submitted since the resident values were last re-rooted
         self._since_reroot = 0
         #: per plan key, the futures of its pinned tasks' specs, shipped to their workers
         self._specs: dict[tuple, dict[str, object]] = {}
@@ -285,8 +287,8 @@ class Engine:
         if mode == "train":
             for key, bound in outputs.pop("new_values").items():
                 self.resident[key] = bound
-            self._since_reroot += 1
-            if self._since_reroot >= REROOT_EVERY:
+            self._since_reroot += plan.n_tasks
+            if self._since_reroot >= REROOT_TASKS:
                 self.reroot()
         return outputs
 
@@ -322,7 +324,7 @@ class Engine:
         Here the steps in flight finish, then each task result the resident values point
         into is taken up, where it lies, by a new task with no dependencies
         (:func:`_held`, no data copied); the next steps read those, and the workers forget
-        the chain. :meth:`run` does this every :data:`REROOT_EVERY` training graphs.
+        the chain. :meth:`run` does this every :data:`REROOT_TASKS` tasks of training steps.
         """
         self._since_reroot = 0
         if self.client is None:
