@@ -314,6 +314,17 @@ class Conv2D(_FilterBank, Layer):
                                    (0, 0), need_dx=need_dx)
         return dx, self._grads(dw, db)
 
+    def backward_input(self, x, y, params, dy):
+        dz = _unapply_activation(self.activation, y, dy)
+        dx, _, _ = autotune.call("conv2d_backward", x, params["weight"], dz, self.strides,
+                                 (0, 0), need_dw=False)
+        return dx, dz
+
+    def backward_params(self, x, dz, params):
+        _, dw, db = autotune.call("conv2d_backward", x, params["weight"], dz, self.strides,
+                                  (0, 0), need_dx=False)
+        return self._grads(dw, db)
+
 
 @dataclass(frozen=True)
 class _Pool2D(Layer):

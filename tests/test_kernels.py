@@ -191,6 +191,29 @@ def test_conv2d_uncovered_input_gets_zero_gradient():
     np.testing.assert_allclose(dx, full, atol=1e-8)
 
 
+@pytest.mark.parametrize("c,o,k,s,p,algo", [(1, 6, 5, 1, 0, "direct"), (16, 32, 3, 1, 1, "gemm"),
+                                             (3, 8, 3, 2, 1, "direct"), (16, 32, 3, 2, 0, "gemm")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_backward_halves_equal_the_whole(c, o, k, s, p, algo, dtype):
+    """``need_dw=False`` gives the input gradient alone and ``need_dx=False`` the weight
+    gradients alone (a layer's two backward ops in data parallel), bit for bit the whole call's,
+    on every algorithm and in the reference."""
+    from rapydli.kernels.conv import _algo, conv2d_backward_reference
+
+    assert _algo(c, o, (k, k), (s, s), o * c * k * k) == algo
+    x, w = rnd(4, c, 11, 11, seed=1, dtype=dtype), rnd(o, c, k, k, seed=2, dtype=dtype)
+    ho = (11 + 2 * p - k) // s + 1
+    dy = rnd(4, o, ho, ho, seed=3, dtype=dtype)
+    for backward in (conv2d_backward, conv2d_backward_reference):
+        dx, dw, db = backward(x, w, dy, s, p)
+        dx_alone, none_w, none_b = backward(x, w, dy, s, p, need_dw=False)
+        none_x, dw_alone, db_alone = backward(x, w, dy, s, p, need_dx=False)
+        assert none_w is None and none_b is None and none_x is None
+        np.testing.assert_array_equal(dx_alone, dx)
+        np.testing.assert_array_equal(dw_alone, dw)
+        np.testing.assert_array_equal(db_alone, db)
+
+
 def test_conv2d_bad_shapes_raise():
     with pytest.raises(ShapeError, match="same C"):
         conv2d_forward(rnd(1, 2, 5, 5), rnd(1, 3, 3, 3), None)

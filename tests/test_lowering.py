@@ -21,6 +21,7 @@ from rapydli import (
     Conv2D,
     Dense,
     Flatten,
+    LocallyConnected2D,
     MaxPool2D,
     Mesh,
     Placement,
@@ -138,6 +139,20 @@ def test_every_preset_and_mode_validates(preset, mode, batch):
 
 def mlp() -> Sequential:
     return Sequential([Dense(8, activation="relu"), Dense(3)], input_shape=(5,))
+
+
+def test_data_parallel_convolutions_split_their_backward_pass():
+    """A convolution whose weight gradients are summed across workers computes its input
+    gradient and its weight gradients in two ops, as a dense layer does (the first layer,
+    which needs no input gradient, keeps one)."""
+    cnn = Sequential([Conv2D(4, 3, activation="relu"), Conv2D(4, 3, activation="relu"),
+                      Flatten(), Dense(3)], input_shape=(1, 8, 8))
+    graph = lower(cnn, data_parallel(2), 4, "train", OPTIMIZER)
+    fns = {(op.layer, op.fn.__name__) for op in graph.ops(phase="backward")}
+    assert ("1", "backward_input_task") in fns and ("1", "backward_params_task") in fns
+    assert ("0", "backward_task") in fns and ("0", "backward_params_task") not in fns
+    single_graph = lower(cnn, single(), 4, "train", OPTIMIZER)  # nothing summed: one op
+    assert {op.fn.__name__ for op in single_graph.ops(phase="backward")} == {"backward_task"}
 
 
 @pytest.mark.parametrize("n", [2, 3, 6])
@@ -343,11 +358,13 @@ def test_tasks_split_after_big_activation_sends_but_not_after_gradients_to_sum()
         return {(graph.op(k).worker, s) for k, s in stage.items()
                 if graph.op(k).kind not in fusion.SOLO and graph.op(k).worker is not None}
 
-    # the weight gradients of the second convolution go to the sums: one task before and one
-    # after them per worker, unless they pass the threshold. (A dense layer's weight
-    # gradients come from an op of their own that nothing else reads: no reason to split.)
-    cnn = Sequential([Conv2D(8, 3, activation="relu"), Conv2D(8, 3, activation="relu"),
-                      Flatten(), Dense(10)], input_shape=(1, 12, 12))
+    # the weight gradients of the locally connected layer go to the sums, from the op whose
+    # input gradient the layer below reads: one task before and one after them per worker,
+    # unless they pass the threshold. (Dense and Conv2D layers compute their weight gradients
+    # in an op of their own that nothing else reads: no reason to split.)
+    cnn = Sequential([Conv2D(8, 3, activation="relu"),
+                      LocallyConnected2D(8, 3, activation="relu"), Flatten(), Dense(10)],
+                     input_shape=(1, 12, 12))
     assert len(worker_tasks(cnn, data_parallel(2), 8)) == 2 * 2
     assert len(worker_tasks(cnn, data_parallel(2), 8, reduce_split_bytes=1 << 10)) > 2 * 2
     wide = Sequential([Dense(4096, activation="relu"), Dense(4096, activation="relu"),

@@ -206,17 +206,19 @@ def conv2d_forward(x: Array, w: Array, b: Array | None, k: tuple[int, int], s: t
 
 
 def conv2d_backward(x: Array, w: Array, dy: Array, k: tuple[int, int], s: tuple[int, int],
-                    p: tuple[int, int], need_dx: bool) -> tuple[Array | None, Array, Array]:
-    """Two GEMMs and ``col2im``; returns ``(dx or None, dw, db)``."""
+                    p: tuple[int, int], need_dx: bool, need_dw: bool = True
+                    ) -> tuple[Array | None, Array | None, Array | None]:
+    """Two GEMMs and ``col2im``; returns ``(dx or None, dw or None, db or None)``."""
     xp = get_array_module(x)
     h, wd = x.shape[2:]
     o_, ho, wo = dy.shape[1:]
     xpad = xp.ascontiguousarray(_pad(x, p))  # (N, C, H+2ph, W+2pw)
-    cols = im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
     dyt = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(o_, -1)  # (O, N*Ho*Wo)
-    dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
-    db = dyt.sum(axis=1)  # (O,)
-    dx = None
+    dx = dw = db = None
+    if need_dw:
+        cols = im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+        dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
+        db = dyt.sum(axis=1)  # (O,)
     if need_dx:
         dcols = w.reshape(o_, -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
         dxpad = col2im(dcols, xpad.shape, k[0], k[1], s[0], s[1], ho, wo)  # (N, C, Hp, Wp)

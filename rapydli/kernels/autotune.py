@@ -693,18 +693,20 @@ def _make_conv_backward(config: Config) -> Callable:
         return conv2d_backward
     size = int(config["chunk"])
 
-    def conv2d_backward_chunked(x, w, dy, stride=(1, 1), padding=(0, 0), need_dx=True):
+    def conv2d_backward_chunked(x, w, dy, stride=(1, 1), padding=(0, 0), need_dx=True,
+                                need_dw=True):
         n = x.shape[0]
         if n <= size:
-            return conv2d_backward(x, w, dy, stride, padding, need_dx=need_dx)
+            return conv2d_backward(x, w, dy, stride, padding, need_dx=need_dx, need_dw=need_dw)
         xp = get_array_module(x)
         dxs, dw, db = [], None, None
         for i in range(0, n, size):
             dx_i, dw_i, db_i = conv2d_backward(x[i:i + size], w, dy[i:i + size], stride, padding,
-                                               need_dx=need_dx)
+                                               need_dx=need_dx, need_dw=need_dw)
             dxs.append(dx_i)
-            dw = dw_i if dw is None else dw + dw_i
-            db = db_i if db is None else db + db_i
+            if need_dw:
+                dw = dw_i if dw is None else dw + dw_i
+                db = db_i if db is None else db + db_i
         dx = xp.concatenate(dxs, axis=0) if need_dx else None
         return dx, dw, db
 

@@ -107,17 +107,18 @@ def conv2d_forward(
 def conv2d_backward_reference(
     x: Array, w: Array, dy: Array,
     stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
-    need_dx: bool = True,
-) -> tuple[Array | None, Array, Array]:
+    need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Array | None, Array | None, Array | None]:
     """NumPy/CuPy reference of :func:`conv2d_backward`."""
     xp = get_array_module(x)
     k, s, p = _check(x, w, stride, padding)
     xpad = pad_hw(x, p)  # (N, C, H+2ph, W+2pw)
     cols = im2col(xpad, k, s)  # (N, C, Ho, Wo, kh, kw)
     _check_dy(x, w, dy, cols.shape[2:4])
-    dw = xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 2, 3])).astype(w.dtype, copy=False)  # (O, C, kh, kw)
-    db = dy.sum(axis=(0, 2, 3))  # (O,)
-    dx = None
+    dw = db = dx = None
+    if need_dw:
+        dw = xp.tensordot(dy, cols, axes=([0, 2, 3], [0, 2, 3])).astype(w.dtype, copy=False)  # (O, C, kh, kw)
+        db = dy.sum(axis=(0, 2, 3))  # (O,)
     if need_dx:
         dcols = xp.tensordot(dy, w, axes=([1], [0]))  # (N, Ho, Wo, C, kh, kw)
         dcols = dcols.transpose(0, 3, 1, 2, 4, 5)  # (N, C, Ho, Wo, kh, kw)
@@ -130,8 +131,8 @@ def conv2d_backward_reference(
 def conv2d_backward(
     x: Array, w: Array, dy: Array,
     stride: int | tuple[int, int] = (1, 1), padding: int | tuple[int, int] = (0, 0),
-    need_dx: bool = True,
-) -> tuple[Array | None, Array, Array]:
+    need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Array | None, Array | None, Array | None]:
     """Gradients of :func:`conv2d_forward`.
 
     Parameters
@@ -143,13 +144,16 @@ def conv2d_backward(
         As in the forward call.
     need_dx : bool, default True
         When False, ``dx`` is None (first layer of a network).
+    need_dw : bool, default True
+        When False, ``dw`` and ``db`` are None (the input gradient alone, see
+        :meth:`rapydli.layers.Conv2D.backward_input`).
 
     Returns
     -------
     dx : array, shape (N, C, H, W) or None
         Zero on rows/columns no window covers.
-    dw : array, shape (O, C, kh, kw)
-    db : array, shape (O,)
+    dw : array, shape (O, C, kh, kw), or None
+    db : array, shape (O,), or None
 
     Examples
     --------
@@ -164,32 +168,35 @@ def conv2d_backward(
     _check_dy(x, w, dy, (ho, wo))
     cu = gpu(x, w, dy)
     if cu is not None:
-        return cu.conv2d_backward(x, w, dy, k, s, p, need_dx)
+        return cu.conv2d_backward(x, w, dy, k, s, p, need_dx, need_dw)
     nb = fast(x, w, dy)
     if nb is None:
-        return conv2d_backward_reference(x, w, dy, stride, padding, need_dx)
+        return conv2d_backward_reference(x, w, dy, stride, padding, need_dx, need_dw)
     n, c, h, wd = x.shape
     xpad = contiguous(pad_hw(x, p))  # (N, C, H+2ph, W+2pw)
     w, dy = contiguous(w), contiguous(dy)
-    dx = None
+    dx = dw = db = None
     algo = _algo(c, w.shape[0], k, s, w.size)
     if s == (1, 1) and algo == "direct":
-        dw, db = nb.conv_dw_s1(xpad, dy, k[0], k[1])  # (O, C, kh, kw), (O,)
+        if need_dw:
+            dw, db = nb.conv_dw_s1(xpad, dy, k[0], k[1])  # (O, C, kh, kw), (O,)
         if need_dx:
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
     elif algo == "gemm":
-        db = nb.bias_sum(dy)  # (O,)
-        cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
-        dyt = nb.nop_to_onp(dy)  # (O, N*Ho*Wo)
-        dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
+        dyt = nb.nop_to_onp(dy) if need_dw or s != (1, 1) else None  # (O, N*Ho*Wo)
+        if need_dw:
+            db = nb.bias_sum(dy)  # (O,)
+            cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)
+            dw = (dyt @ cols.T).reshape(w.shape)  # (O, C, kh, kw)
         if need_dx and s == (1, 1):
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
         elif need_dx:
             dcols = w.reshape(w.shape[0], -1).T @ dyt  # (C*kh*kw, N*Ho*Wo)
             dx = nb.col2im(dcols, n, c, xpad.shape[2], xpad.shape[3], k[0], k[1], s[0], s[1], ho, wo)
     else:
-        db = nb.bias_sum(dy)  # (O,)
-        dw = nb.conv_dw_direct(xpad, dy, k[0], k[1], s[0], s[1])  # (O, C, kh, kw)
+        if need_dw:
+            db = nb.bias_sum(dy)  # (O,)
+            dw = nb.conv_dw_direct(xpad, dy, k[0], k[1], s[0], s[1])  # (O, C, kh, kw)
         if need_dx and s == (1, 1):
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
         elif need_dx:
