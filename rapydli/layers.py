@@ -29,7 +29,6 @@ from rapydli.kernels import (
     activation_forward,
     avgpool2d_backward,
     avgpool2d_forward,
-    dense_backward,
     maxpool2d_backward,
     maxpool2d_forward,
 )
@@ -185,11 +184,8 @@ class Dense(Layer):
 
     def backward(self, x, y, params, dy, need_dx):
         dz = _unapply_activation(self.activation, y, dy)
-        dx, dw, db = dense_backward(x, params["weight"], dz, need_dx=need_dx)
-        grads = {"weight": dw}
-        if self.use_bias:
-            grads["bias"] = db
-        return dx, grads
+        dx = dense_backward_input(dz, params["weight"], x.dtype) if need_dx else None
+        return dx, self.backward_params(x, dz, params)
 
     def backward_input(self, x, y, params, dy):
         dz = _unapply_activation(self.activation, y, dy)

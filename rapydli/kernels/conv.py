@@ -183,7 +183,7 @@ def conv2d_backward(
         if need_dx:
             dx = nb.conv_dx_s1(dy, w, xpad.shape[2], xpad.shape[3])  # (N, C, H+2ph, W+2pw)
     elif algo == "gemm":
-        dyt = nb.nop_to_onp(dy) if need_dw or s != (1, 1) else None  # (O, N*Ho*Wo)
+        dyt = nb.nop_to_onp(dy) if need_dw or (need_dx and s != (1, 1)) else None  # (O, N*Ho*Wo)
         if need_dw:
             db = nb.bias_sum(dy)  # (O,)
             cols = nb.im2col(xpad, k[0], k[1], s[0], s[1], ho, wo)  # (C*kh*kw, N*Ho*Wo)

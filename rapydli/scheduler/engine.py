@@ -267,7 +267,7 @@ class Engine:
         plan_key = (int(batches[0].shape[-1]), mode, len(batches))  # index: (batch,) or
         # (n_workers, batch) when each worker numbers its own samples
         plan = self.plan(*plan_key)
-        specs = self._specs_for(plan_key, plan)
+        specs = self._specs_for(plan_key)
         bindings = {}
         for key, info in plan.placeholders.items():
             if info[0] == "index":
@@ -292,9 +292,10 @@ class Engine:
                 self.reroot()
         return outputs
 
-    def _specs_for(self, plan_key: tuple, plan: StepPlan) -> dict:
-        """Futures of the specs (program, keep, drops) of ``plan``'s tasks pinned to a
-        worker, scattered there on first use and kept while the engine lives.
+    def _specs_for(self, plan_key: tuple) -> dict:
+        """Futures of the specs (program, keep, drops) of the tasks of plan ``plan_key``
+        (:meth:`plan`'s key) pinned to a worker, scattered there on first use and kept while
+        the engine lives.
 
         A step's graph then names its program instead of carrying it: the program of a
         worker's task grows with the ops and steps it holds (hundreds of kB unrolled), and
@@ -309,7 +310,7 @@ class Engine:
             specs = self._specs[plan_key] = {
                 t.name: self.client.scatter([t.spec()], workers=[self.workers[t.worker]],
                                             hash=False)[0]  # one value, not three
-                for t in plan.tasks.values() if t.worker is not None}
+                for t in self.plans[plan_key].tasks.values() if t.worker is not None}
         return specs
 
     def reroot(self) -> None:
@@ -319,8 +320,9 @@ class Engine:
         Each step's tasks read the results of the step before, so the steps of a training
         form one unbroken chain of Dask dependencies; and a Dask worker forgets a released
         task only once it holds no task that depends on it, so it would keep every step's
-        task (its state, its arguments and the step's program: 60-125 objects and 10-60 kB a
-        task) until the engine closes, a heap that grows for as long as the training runs.
+        task (its state and arguments: about 125 objects and 60 kB a task while the programs
+        travelled inside the graphs) until the engine closes, a heap that grows for as long
+        as the training runs.
         Here the steps in flight finish, then each task result the resident values point
         into is taken up, where it lies, by a new task with no dependencies
         (:func:`_held`, no data copied); the next steps read those, and the workers forget

@@ -8,7 +8,7 @@ compiled kernels' dispatchers), and each full collection then stops the process 
 every few seconds, each time at a random point of a step: in data parallel the other workers
 wait at the next gradient sum for the one collecting (a 64-step round of the data-parallel MLP
 of ``benchmarks/scaling.py`` took 27.3 ms a step with one full collection in its workers,
-25.3-25.5 ms without).
+25.3-25.8 ms without).
 
 :func:`settle` collects once and moves every object alive into the permanent generation
 (:func:`gc.freeze`), which later collections skip: a full collection of a settled worker walks
