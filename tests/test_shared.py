@@ -13,8 +13,8 @@ import rapydli as rd
 from rapydli.scheduler import shared
 from rapydli.scheduler.engine import Engine
 from rapydli.scheduler.mailbox import Exchange, Mailbox, close_mailboxes, start_mailboxes
-from rapydli.scheduler.shared import (MIN_BYTES, Mappings, Segments, SharedTile, make_probe,
-                                      probe_path)
+from rapydli.scheduler.shared import (MIN_BYTES, Bell, Mappings, Segments, SharedTile,
+                                      bell_path, make_probe, probe_path)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shared.SHM_DIR),
                                 reason=f"no shared-memory directory {shared.SHM_DIR}")
@@ -170,6 +170,12 @@ def _post(exchange: Exchange, key: str, value):
     exchange.finish()
 
 
+def _put_late(name: str, tile: SharedTile) -> None:
+    import asyncio
+
+    asyncio.run(Mailbox.here(name).put([(("s", "late"), tile)]))
+
+
 def test_a_failed_step_frees_the_shared_tiles_it_left(client):
     workers = sorted(client.scheduler_info()["workers"])[:2]
     futures, boxes = start_mailboxes(client, workers, f"t{time.monotonic_ns()}")
@@ -177,11 +183,16 @@ def test_a_failed_step_frees_the_shared_tiles_it_left(client):
         sender = Mailbox.here(boxes[1][2])
         receiver = Mailbox.here(boxes[0][2])
         client.submit(_post, Exchange("s", 1, boxes), "k", _big(), workers=[workers[1]]).result()
-        (tile,) = receiver.items.values()
-        assert isinstance(tile, SharedTile)
+        assert receiver.items == {}  # rung at the doorbell: read by the next take, or forget
         assert sender.segments.segments[0][1][0] == 1  # taken until the tile is read
         receiver.forget("s")  # the step failed: nobody will take it
         assert sender.segments.segments[0][1][0] == 0
+        # a tile of the failed step arriving later, by message, is freed as it comes
+        tile = sender.segments.pack(_big(1))
+        (flag,) = [m for path, m, _ in sender.segments.segments if path == tile.path]
+        assert flag[0] == 1
+        client.submit(_put_late, boxes[0][2], tile, workers=[workers[0]]).result()
+        assert receiver.items == {} and flag[0] == 0
     finally:
         close_mailboxes(futures)
 
@@ -225,8 +236,10 @@ def test_tiles_only_sums_read_wait_for_the_next_message(client, shared_memory):
         # a large tile for a sum goes at once by message; through shared memory it waits
         assert held == ([1, 2, 0, 1] if shared_memory else [0, 1, 0, 0])
         taken = Mailbox.here(boxes[0][2])
-        assert sorted(k for _, k in taken.items) == ["a", "b", "c", "d"]
-        np.testing.assert_array_equal(taken.take(("s", "d")), _big(1))
+        got = {k: taken.take(("s", k), timeout=5) for k in "abcd"}  # all four arrived
+        np.testing.assert_array_equal(got["d"], _big(1))
+        np.testing.assert_array_equal(got["c"], small)
+        assert taken.items == {}
     finally:
         close_mailboxes(futures)
 
@@ -259,3 +272,137 @@ def test_worker_processes_share_memory_and_leave_none_behind(process_client):
         np.testing.assert_array_equal(params_on[name], value, err_msg=name)
     time.sleep(0.5)  # the close calls return before the last files go
     assert set(os.listdir(shared.SHM_DIR)) - before == set()
+
+
+# --- the doorbell: messages between workers of one machine, without the event loops ----------
+
+
+@pytest.fixture
+def bell():
+    name = _name("bell")
+    ring = Bell.open(name)
+    assert ring is not None and os.path.exists(bell_path(name))
+    yield name, ring
+    ring.unlink()
+
+
+def test_a_doorbell_carries_each_message_whole_and_in_order(bell):
+    name, ring = bell
+    sender = Segments(_name("sender"))
+    try:
+        messages = [[(("s", f"k{i}"), np.full(i, i, np.float32))] for i in range(5)]
+        assert all(sender.ring(name, m) for m in messages)
+        got = ring.wait(1.0)
+        assert [k for (m,) in got for k in [m[0]]] == [k for (m,) in messages for k in [m[0]]]
+        np.testing.assert_array_equal(got[4][0][1], messages[4][0][1])
+        start = time.monotonic()
+        assert ring.wait(0.05) == [] and time.monotonic() - start >= 0.04  # nothing rang
+        ring.wake()
+        assert ring.wait(5.0) == []  # woken at once, with no message
+        # what does not fit a record, or has nowhere to go, is refused (it goes by actor)
+        assert not sender.ring(name, np.zeros(shared.RECORD_BYTES, np.uint8))
+        assert not sender.ring(_name("nobody"), "x")
+    finally:
+        sender.close()
+    assert not sender.ring(name, "x")  # closed: nothing more leaves
+
+
+def test_a_full_doorbell_refuses_and_every_record_sent_is_read(bell):
+    name, ring = bell
+    sender = Segments(_name("sender"))
+    try:
+        sent = 0
+        while sender.ring(name, b"x" * 3000):  # a pipe holds 64 KiB: about 21 of these
+            sent += 1
+            assert sent < 1000
+        assert sent >= 1
+        got = []
+        while len(got) < sent:
+            got += ring.wait(1.0)
+        assert got == [b"x" * 3000] * sent
+        assert sender.ring(name, "again")  # read: room again
+        assert ring.wait(1.0) == ["again"]
+    finally:
+        sender.close()
+
+
+def test_a_doorbell_whose_mailbox_went_is_refused(bell):
+    name, ring = bell
+    sender = Segments(_name("sender"))
+    try:
+        assert sender.ring(name, "first")
+        os.close(ring.fd)  # the receiving process is gone: the pipe has no reader
+        ring._close.detach()
+        assert not sender.ring(name, "second")  # EPIPE: not sent, not raised
+    finally:
+        sender.close()
+
+
+def _take_in_thread(box: Mailbox, key, timeout=5.0):
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = box.take(key, timeout)
+        except Exception as exc:  # the test looks at it
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_take_waiting_at_the_doorbell_wakes_for_a_message_by_actor_and_for_close():
+    import asyncio
+
+    from rapydli.scheduler.mailbox import ExchangeError
+
+    box = Mailbox(_name("box"))
+    try:
+        assert box.bell is not None
+        thread, out = _take_in_thread(box, ("s", "k"))
+        time.sleep(0.1)  # the take is in the doorbell's select
+        asyncio.run(box.put([(("s", "k"), np.arange(3.0))]))  # a peer on another machine
+        thread.join(5.0)
+        np.testing.assert_array_equal(out["value"], np.arange(3.0))
+        sender = Segments(_name("peer"))
+        try:  # and the same take by doorbell
+            thread, out = _take_in_thread(box, ("s", "r"))
+            time.sleep(0.1)
+            assert sender.ring(box.name, [(("s", "r"), np.ones(2))])
+            thread.join(5.0)
+            np.testing.assert_array_equal(out["value"], np.ones(2))
+        finally:
+            sender.close()
+        thread, out = _take_in_thread(box, ("s", "never"))
+        time.sleep(0.1)
+        start = time.monotonic()
+        box.close()
+        thread.join(5.0)
+        assert isinstance(out.get("error"), ExchangeError) and time.monotonic() - start < 2
+    finally:
+        box.close()
+    assert not os.path.exists(bell_path(box.name))
+
+
+def test_steps_between_workers_of_one_machine_ring_instead_of_calling_the_actor(
+        client, monkeypatch):
+    """With shared memory every message of a data-parallel step goes through the doorbell
+    (no actor call); without it, every one is an actor call."""
+    from rapydli.scheduler import mailbox
+
+    calls = []
+    real = mailbox._proxy
+    monkeypatch.setattr(mailbox, "_proxy", lambda box: calls.append(box) or real(box))
+    net = _wide()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
+    counts = {}
+    for flag in (True, False):
+        calls.clear()
+        engine, _ = _train(client, net, x, y, 3, exchange="direct", shared_memory=flag)
+        engine.close()
+        counts[flag] = len(calls)
+    assert counts[True] == 0 and counts[False] >= 3 * 2

@@ -28,8 +28,8 @@ from typing import ClassVar
 
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
-from rapydli.scheduler.shared import (MIN_BYTES, Mappings, Segments, SharedTile, close_shared,
-                                      make_probe, remove_files)
+from rapydli.scheduler.shared import (BELL_MIN_BYTES, MIN_BYTES, Bell, Mappings, Segments,
+                                      SharedTile, close_shared, make_probe, remove_files)
 
 #: seconds a take waits for a tile before giving up (a step that computes this long between
 #: two exchanges is far beyond anything the engine plans)
@@ -68,7 +68,11 @@ class Mailbox:
         #: and the mappings of those its neighbours posted here (see rapydli.scheduler.shared)
         self.segments = Segments(name)
         self.mappings = Mappings()
-        make_probe(name)
+        #: the doorbell peers on this machine ring instead of calling put (None: no pipe here)
+        self.bell = Bell.open(name)
+        #: whether a take is reading the doorbell (the others wait on the condition)
+        self._listening = False
+        make_probe(name)  # after the doorbell: a sender that sees the probe finds the pipe
         #: deletes the probe and the segments: at close, when the worker lets go of the actor
         #: (an engine dropped without closing), or when the process exits
         self._remove_files = weakref.finalize(self, close_shared, name, self.segments,
@@ -87,21 +91,31 @@ class Mailbox:
         """Store tiles ``[(key, value), ...]`` (run on this worker's event loop, as they arrive;
         one call carries every tile a peer had ready for this worker at once)."""
         with self._cond:
-            for key, value in items:
-                if key[1] == FAILED:
-                    self._forget(key[0])
-                    self.items.setdefault(key, value)  # the first notice names the cause
-                    continue
-                if key[0] in self.failed:
-                    self._drop(value)  # nothing of a failed step will be taken: hold none of it
-                    continue
-                self.items[key] = value
+            self._store(items)
             self._cond.notify_all()
+        if self.bell is not None:  # a take may be waiting on the doorbell, not the condition
+            self.bell.wake()
+
+    def _store(self, items) -> None:
+        """Keep posted ``items`` (holding the condition)."""
+        for key, value in items:
+            if key[1] == FAILED:
+                self._forget(key[0])
+                self.items.setdefault(key, value)  # the first notice names the cause
+                continue
+            if key[0] in self.failed:
+                self._drop(value)  # nothing of a failed step will be taken: hold none of it
+                continue
+            self.items[key] = value
 
     def forget(self, step: str) -> None:
-        """``step`` failed on this worker: drop its tiles, now and as they arrive."""
+        """``step`` failed on this worker: drop its tiles, now and as they arrive (those rung
+        already are read from the doorbell now, so that their segments are freed at once)."""
         with self._cond:
             self._forget(step)
+            if self.bell is not None and not self._listening:
+                for items in self.bell.wait(0.0):
+                    self._store(items)
 
     def _forget(self, step: str) -> None:
         self.failed.add(step)
@@ -133,7 +147,19 @@ class Mailbox:
                         f"mailbox {self.name}: {key[1]!r} of step {step} did not arrive in "
                         f"{timeout:.0f} s; the worker sending it may be stuck or lost (see its "
                         "log), or a step computes longer than the timeout between exchanges")
-                self._cond.wait(left)  # put and close notify
+                if self.bell is None or self._listening:
+                    self._cond.wait(left)  # put, close and the listening take notify
+                    continue
+                self._listening = True  # this take reads the doorbell for all of them
+                self._cond.release()
+                try:
+                    rung = self.bell.wait(left)
+                finally:
+                    self._cond.acquire()
+                    self._listening = False
+                for items in rung:
+                    self._store(items)
+                self._cond.notify_all()
             value = self.items.pop(key)
         if isinstance(value, SharedTile):
             return self.mappings.open(value)
@@ -146,6 +172,8 @@ class Mailbox:
             self.closed = reason
             self.items.clear()
             self._cond.notify_all()
+        if self.bell is not None:
+            self.bell.wake()
         Mailbox._here.pop(self.name, None)
         self._remove_files()
         for name in peers:
@@ -197,8 +225,13 @@ class Exchange:
                                    for _, value, to_sum in items):
                 continue
             del self._outbox[dest]
-            items = [(key, (shared and mine.segments.pack(value)) or value)
-                     for key, value, _ in items]
+            if shared:  # a short record of handles through the peer's doorbell, if it fits
+                items = [(key, mine.segments.pack(value, BELL_MIN_BYTES) or value)
+                         for key, value, _ in items]
+                if mine.segments.ring(self.boxes[dest][2], items):
+                    continue
+            else:
+                items = [(key, value) for key, value, _ in items]
             self._posted.append(_proxy(self.boxes[dest]).put(items))
 
     def take(self, key: str):

@@ -10,6 +10,17 @@ bytes. The receiver reads the tile in place, without a copy; when the last refer
 array goes, the segment is marked free and its sender reuses it for a later tile, so a
 training settles on a fixed set of segments, reused every step.
 
+The message itself need not go through Dask's comms either: each mailbox also opens a
+*doorbell*, a named pipe (FIFO) in the same directory, and a sender on the machine writes the
+message there as one short record (:class:`Bell`). A record of at most ``PIPE_BUF`` bytes
+arrives whole even when several senders write at once, so every array of at least
+:data:`BELL_MIN_BYTES` then goes into a segment and the record carries handles only. The
+waiting take reads it straight away, in the receiving task's own thread: no event loop on
+either side handles it. (Measured on 2 worker processes on 2 cores, data-parallel MLP: Dask's
+actor call for the message took about 70% of each worker's event-loop CPU, 1.5 ms a step,
+and 1.3-2.4 ms from the sender to the receiver under load.) A record that does not fit, a pipe
+that is full or has no reader, falls back to the actor message; so do failure notices.
+
 Where it applies: both mailboxes see the same shared-memory directory (each mailbox leaves a
 probe file there, and a sender looks for the receiver's), the tile is a NumPy array of at
 least :data:`MIN_BYTES`, and the sender holds less than :data:`MAX_BYTES` of segments. Every
@@ -26,9 +37,13 @@ killed, and whose engines never closed, keeps the files until it restarts: remov
 """
 from __future__ import annotations
 
+import errno
 import glob
 import mmap
 import os
+import pickle
+import select
+import struct
 import threading
 import weakref
 from dataclasses import dataclass
@@ -43,6 +58,13 @@ MIN_BYTES = 1 << 16
 MAX_BYTES = 1 << 30
 #: bytes before the tile in a segment (byte 0 is the busy flag); keeps the tile 64-byte aligned
 HEADER = 64
+#: a message through a doorbell puts every array of at least this many bytes into a segment,
+#: so that the record stays short (tiles between this and MIN_BYTES cost a page of memory)
+BELL_MIN_BYTES = 1 << 9
+#: the longest doorbell record: a write to a pipe of at most this many bytes is atomic
+RECORD_BYTES = select.PIPE_BUF
+#: a record is a 4-byte length, then the pickled message
+_LENGTH = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,11 @@ def probe_path(name: str) -> str:
     return os.path.join(SHM_DIR, f"{name}.probe")
 
 
+def bell_path(name: str) -> str:
+    """The doorbell of the mailbox ``name``: senders on this machine write messages to it."""
+    return os.path.join(SHM_DIR, f"{name}.bell")
+
+
 def make_probe(name: str) -> bool:
     """Leave the probe of mailbox ``name``; False where there is no shared-memory directory."""
     try:
@@ -73,13 +100,16 @@ def remove_files(name: str) -> None:
     """Delete the probe and every segment of mailbox ``name`` on this machine (a peer closing
     cleans up after a mailbox whose process was killed)."""
     _remove(probe_path(name))
+    _remove(bell_path(name))
     for path in glob.glob(os.path.join(SHM_DIR, glob.escape(name) + "-[0-9]*")):
         _remove(path)
 
 
 def close_shared(name: str, segments: Segments, mappings: Mappings) -> None:
-    """Mailbox ``name``'s shared memory goes: its probe, its segments, its mappings."""
+    """Mailbox ``name``'s shared memory goes: its probe, its doorbell's file (the pipe stays
+    open until the mailbox goes), its segments, its mappings."""
     _remove(probe_path(name))
+    _remove(bell_path(name))
     segments.close()
     mappings.close()
 
@@ -104,6 +134,8 @@ class Segments:
         self._shares: dict[str, bool] = {}
         #: set by :meth:`close`: a task still posting sends by message (no file made after it)
         self.closed = False
+        #: write ends of the doorbells rung, by receiving mailbox name
+        self._bells: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def shares_with(self, name: str) -> bool:
@@ -118,9 +150,10 @@ class Segments:
             self._shares[name] = known
         return known
 
-    def pack(self, value) -> SharedTile | None:
-        """``value`` copied into a free segment, or None when it should travel by message."""
-        if not isinstance(value, np.ndarray) or value.nbytes < MIN_BYTES or value.dtype.hasobject:
+    def pack(self, value, min_bytes: int = MIN_BYTES) -> SharedTile | None:
+        """``value`` copied into a free segment, or None when it should travel by message
+        (not an array of at least ``min_bytes``, or no segment to be had)."""
+        if not isinstance(value, np.ndarray) or value.nbytes < min_bytes or value.dtype.hasobject:
             return None
         with self._lock:
             segment = None if self.closed else self._segment_for(value.nbytes)
@@ -134,10 +167,10 @@ class Segments:
     def _segment_for(self, nbytes: int):
         """The smallest free segment that holds ``nbytes`` (at most twice as big), else a new
         one; None when the limit or the machine's shared memory is reached."""
-        fits = [s for s in self.segments if nbytes <= s[2] <= 2 * nbytes and s[1][0] == 0]
+        capacity = -(-nbytes // 4096) * 4096  # whole pages: a small tile reuses its page
+        fits = [s for s in self.segments if capacity <= s[2] <= 2 * capacity and s[1][0] == 0]
         if fits:
             return min(fits, key=lambda s: s[2])
-        capacity = -(-nbytes // 4096) * 4096
         if self.held + capacity > self.limit:
             return None
         path = os.path.join(SHM_DIR, f"{self.name}-{len(self.segments)}")
@@ -157,10 +190,39 @@ class Segments:
         self.held += capacity
         return self.segments[-1]
 
+    def ring(self, name: str, message) -> bool:
+        """Write ``message`` (picklable) to the doorbell of mailbox ``name`` on this machine;
+        False, with nothing sent, where it cannot go that way: the record would be longer
+        than :data:`RECORD_BYTES`, the pipe is full, or no mailbox reads it (gone, closed,
+        or on another machine)."""
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if _LENGTH.size + len(payload) > RECORD_BYTES:
+            return False
+        with self._lock:
+            if self.closed:
+                return False
+            fd = self._bells.get(name)
+            if fd is None:
+                try:  # no reader: ENXIO; no doorbell: ENOENT
+                    fd = self._bells[name] = os.open(bell_path(name),
+                                                     os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    return False
+            try:
+                os.write(fd, _LENGTH.pack(len(payload)) + payload)  # all or nothing
+            except OSError:  # full (EAGAIN), or the reader went (EPIPE): by message this time
+                if self._bells.pop(name, None) is not None:
+                    os.close(fd)
+                return False
+        return True
+
     def close(self) -> None:
         """Delete every segment (mappings still read by someone stay valid until let go)."""
         with self._lock:
             self.closed = True
+            for fd in self._bells.values():
+                os.close(fd)
+            self._bells.clear()
             for path, mapping, _ in self.segments:
                 _remove(path)
                 try:
@@ -221,3 +283,79 @@ def _free(mapping: mmap.mmap) -> None:
         mapping[0] = 0
     except ValueError:  # the mapping was closed: its sender is gone
         pass
+
+
+class Bell:
+    """A mailbox's doorbell: a named pipe that senders on this machine write records to
+    (:meth:`Segments.ring`) and that the mailbox's waiting take reads (:meth:`wait`).
+
+    The mailbox holds both ends (a pipe opened read-write never reports end of file and never
+    blocks the opener), so it can also wake its own reader (:meth:`wake`) when a message comes
+    another way. :meth:`open` returns None where the pipe cannot be made: messages then go by
+    actor only.
+    """
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+        self._pending = b""  # the start of a record not yet read whole
+        self._close = weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def open(cls, name: str) -> Bell | None:
+        path = bell_path(name)
+        try:
+            os.mkfifo(path, 0o600)
+        except OSError:  # no /dev/shm, read-only, or the name is taken
+            return None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        except OSError:
+            _remove(path)
+            return None
+        return cls(path, fd)
+
+    def wake(self) -> None:
+        """Wake a :meth:`wait` (an empty record); a full pipe will wake it anyway."""
+        try:
+            os.write(self.fd, _LENGTH.pack(0))
+        except OSError:
+            pass
+
+    def wait(self, timeout: float) -> list:
+        """The messages rung since the last call, waiting up to ``timeout`` seconds for the
+        first record (an empty list on a timeout or a bare :meth:`wake`)."""
+        try:
+            ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
+        except (OSError, ValueError):  # closed under us: the mailbox is closing
+            return []
+        if not ready:
+            return []
+        chunks = [self._pending]
+        while True:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # pragma: no cover - closed under us
+                if exc.errno == errno.EBADF:
+                    break
+                raise
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        messages, at = [], 0
+        while at + _LENGTH.size <= len(data):
+            (n,) = _LENGTH.unpack_from(data, at)
+            if at + _LENGTH.size + n > len(data):
+                break
+            if n:
+                messages.append(pickle.loads(data[at + _LENGTH.size:at + _LENGTH.size + n]))
+            at += _LENGTH.size + n
+        self._pending = data[at:]
+        return messages
+
+    def unlink(self) -> None:
+        """Delete the pipe's name: no sender opens it any more (those that did keep writing
+        into it until they see the mailbox closed)."""
+        _remove(self.path)
