@@ -27,3 +27,8 @@ class DataError(RapydliError, ValueError):
 
 class ClusterError(RapydliError, RuntimeError):
     """A Dask cluster cannot be reached or started."""
+
+
+class LostWorkerError(ClusterError):
+    """A worker a step was placed on left the cluster (killed, crashed, restarted); ``fit``
+    resumes from its last snapshot once the cluster has the workers again."""

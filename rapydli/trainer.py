@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from rapydli.errors import LostWorkerError
 from rapydli.scheduler import heap
 from rapydli.scheduler.engine import Engine
 
@@ -85,7 +86,8 @@ class TaskSize:
 
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     """Exceptions by which Dask reports results lost with a worker."""
-    errors: list[type[BaseException]] = [concurrent.futures.CancelledError, asyncio.CancelledError]
+    errors: list[type[BaseException]] = [concurrent.futures.CancelledError, asyncio.CancelledError,
+                                         LostWorkerError]
     try:
         from distributed.client import FutureCancelledError
         from distributed.comm.core import CommClosedError

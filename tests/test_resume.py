@@ -142,3 +142,28 @@ def test_training_survives_a_killed_worker(problem, process_client):
     for name, value in calm.params.items():
         np.testing.assert_array_equal(hurt.params[name], value)
     assert hurt["test_accuracy"][-1] == calm["test_accuracy"][-1]
+
+
+def test_a_worker_gone_before_its_step_was_sent_is_a_lost_worker(problem, client, monkeypatch):
+    """The scheduler forgot a worker between the steps that ran on it and a new plan's
+    programs being sent there: the engine says a worker was lost (not a KeyError from the
+    scheduler), and fit resumes from its snapshot with the weights of an undisturbed run."""
+    net, x, y = problem
+    kwargs = dict(placement=rd.data_parallel(2), client=client, epochs=2, batch_size=32, seed=2,
+                  optimizer=rd.SGD(lr=0.1, momentum=0.9), steps_per_task="auto")
+    calm = rd.fit(net, x, y, **kwargs)
+    real, sent = client.scatter, []
+
+    def scatter(data, **kw):
+        if isinstance(data, list) and isinstance(data[0], tuple):  # a plan's program
+            sent.append(kw["workers"][0])
+            if len(sent) == 3:  # the second plan's first program: its worker just left
+                raise KeyError(kw["workers"][0])
+        return real(data, **kw)
+
+    monkeypatch.setattr(client, "scatter", scatter)
+    hurt = rd.fit(net, x, y, **kwargs)
+    assert len(sent) > 3 and [e["event"] for e in hurt.events] == ["lost worker"]
+    assert "LostWorkerError" in hurt.events[0]["error"]
+    for name, value in calm.params.items():
+        np.testing.assert_array_equal(hurt.params[name], value)

@@ -31,7 +31,7 @@ import weakref
 import dask
 import numpy as np
 
-from rapydli.errors import PlacementError
+from rapydli.errors import LostWorkerError, PlacementError
 from rapydli.graph.lower import lower
 from rapydli.graph.ops import aligned, pick
 from rapydli.graph.tiles import relative
@@ -307,10 +307,21 @@ class Engine:
             return {}
         specs = self._specs.get(plan_key)
         if specs is None:
-            specs = self._specs[plan_key] = {
-                t.name: self.client.scatter([t.spec()], workers=[self.workers[t.worker]],
-                                            hash=False)[0]  # one value, not three
-                for t in self.plans[plan_key].tasks.values() if t.worker is not None}
+            specs = {}
+            for t in self.plans[plan_key].tasks.values():
+                if t.worker is None:
+                    continue
+                address = self.workers[t.worker]
+                try:
+                    specs[t.name] = self.client.scatter([t.spec()], workers=[address],
+                                                        hash=False)[0]  # one value, not three
+                except KeyError as exc:  # the scheduler no longer knows the worker
+                    raise LostWorkerError(
+                        f"worker {address} (mesh worker {t.worker}) left the cluster before "
+                        "a step could be sent to it; fit resumes from its last snapshot, "
+                        "other callers should rebuild the engine once the cluster has its "
+                        "workers again") from exc
+            self._specs[plan_key] = specs
         return specs
 
     def reroot(self) -> None:
