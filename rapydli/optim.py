@@ -41,12 +41,15 @@ class SGD:
     def init_state(self, weight: np.ndarray) -> dict:
         return {slot: np.zeros_like(weight) for slot in self.slots}
 
-    def update(self, weight, grad, state: dict, inplace: bool = False):
+    def update(self, weight, grad, state: dict, inplace: bool = False, grad_add=None):
         """``(new_weight, new_state)``; pure unless ``inplace``, which writes into ``weight``
-        and the state arrays (for callers that own them)."""
-        kernel = sgd_update_ if inplace else sgd_update
-        w, v = kernel(weight, grad, state.get("velocity"), self.lr, self.momentum,
-                      self.weight_decay, self.nesterov)
+        and the state arrays (for callers that own them). ``grad_add``: a second gradient
+        tile the step uses the sum ``grad + grad_add`` of (added as it is read, in place)."""
+        args = (state.get("velocity"), self.lr, self.momentum, self.weight_decay, self.nesterov)
+        if inplace:
+            w, v = sgd_update_(weight, grad, *args, g_add=grad_add)
+        else:
+            w, v = sgd_update(weight, grad if grad_add is None else grad + grad_add, *args)
         return w, ({"velocity": v} if self.slots else {})
 
 

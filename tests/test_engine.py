@@ -399,3 +399,31 @@ def test_a_fused_task_lets_go_of_each_value_after_its_last_reader():
     out = run_fused(program, ("e", "f"), np.ones(2))
     assert seen == [["b"], ["e"]]  # b went after e read it; e is kept: it is returned
     assert set(out) == {"e", "f"} and alive["e"]() is not None
+
+
+@pytest.mark.parametrize("placement,exchange", [(rd.data_parallel(2), "direct"),
+                                                (rd.data_parallel(3), "graph")],
+                         ids=["dp2-direct", "dp3-graph"])
+def test_gradient_sums_fuse_into_their_updates_with_the_same_bits(
+        client, problem, monkeypatch, placement, exchange):
+    """Each worker's task runs a weight's gradient sum and its update as one op (the
+    optimizer adds as it reads), and trains bit for bit as with the two ops apart."""
+    from rapydli.graph import ops, to_dask
+
+    net, x, y = problem
+    kwargs = dict(optimizer=rd.SGD(lr=0.1, momentum=0.9, weight_decay=0.01), epochs=2,
+                  batch_size=8, seed=2, placement=placement, client=client, steps_per_task=2,
+                  exchange=exchange)
+    fused = rd.fit(net, x, y, **kwargs)
+    engine = Engine(net, placement, rd.SGD(lr=0.1, momentum=0.9), client, exchange=exchange)
+    try:
+        fns = {fn for t in engine.plan(8, "train", 2).tasks.values()
+               for _, fn, _, _, _ in t.program}
+    finally:
+        engine.close()
+    assert ops.sum_update_task in fns and ops.update_task not in fns
+    monkeypatch.setattr(to_dask, "_sums_into_updates", lambda graph, program, keep: tuple(program))
+    apart = rd.fit(net, x, y, **kwargs)
+    assert fused["loss"] == apart["loss"]
+    for key, value in apart.params.items():
+        np.testing.assert_array_equal(fused.params[key], value)

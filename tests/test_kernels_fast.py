@@ -257,6 +257,28 @@ def test_inplace_sgd_equals_the_pure_step(impl, dt, momentum, wd, nesterov, with
         np.testing.assert_allclose(got_v, want_v, **_TOL[dt])
 
 
+@pytest.mark.parametrize("impl", ["numba", "reference", "cuda"])
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,wd,nesterov", [(0.9, 0.01, True), (0.9, 0.0, False),
+                                                  (0.0, 0.01, False)])
+def test_inplace_sgd_of_two_gradients_is_the_step_of_their_sum_bit_for_bit(
+        impl, dt, momentum, wd, nesterov, monkeypatch):
+    """``g_add`` (a gradient sum fused into its update) gives the bits of summing first."""
+    rng = np.random.default_rng(4)
+    w, g, g_add, v = (_rnd(rng, 64, 33).astype(dt) for _ in range(4))
+    _use(impl, monkeypatch)
+    want_w, want_v = optim.sgd_update_(w.copy(), g + g_add, v.copy(), 0.1, momentum, wd,
+                                       nesterov)
+    if impl == "numba":  # the sum happens inside the kernel, not before it
+        monkeypatch.setattr(optim, "sgd_update_reference", _no_fallback)
+    got_w, got_v = optim.sgd_update_(w.copy(), g, v.copy(), 0.1, momentum, wd, nesterov,
+                                     g_add=g_add)
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_array_equal(got_v, want_v)
+    with pytest.raises(ShapeError, match="gradient shape"):
+        optim.sgd_update_(w, g, v, 0.1, momentum, wd, nesterov, g_add=g_add[:, 1:])
+
+
 def test_gpu_dispatch_rules(monkeypatch):
     f32, f64 = np.zeros(2, np.float32), np.zeros(2)
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)

@@ -213,6 +213,19 @@ def update_task(weight, grad, *state, optimizer, slots: tuple[str, ...], inplace
     return (new_weight, *(new_state[s] for s in slots))
 
 
+def sum_update_task(weight, *values, optimizer, slots: tuple[str, ...], inplace: bool = False,
+                    grads: int = 2):
+    """:func:`update_task` of the sum of the first ``grads`` of ``values`` (the rest are the
+    state slots), with the bits of :func:`sum_task` then :func:`update_task`: the task
+    builder fuses a gradient sum into the update that alone reads it, so that the optimizer
+    adds the last two gradients as it reads them instead of writing their sum out."""
+    tiles, state = values[:grads], values[grads:]
+    first = tiles[0] if grads == 2 else sum_task(*tiles[:-1])
+    new_weight, new_state = optimizer.update(weight, first, dict(zip(slots, state)),
+                                             inplace=inplace, grad_add=tiles[-1])
+    return (new_weight, *(new_state[s] for s in slots))
+
+
 def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -> dict:
     """Run a fused chain of ops in order; returns the outputs in ``keep``, by key.
 

@@ -13,7 +13,31 @@ from dask._task_spec import Task, TaskRef
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from rapydli.graph.fuse import fuse, mail_sends, only_summed
-from rapydli.graph.ops import Ref, aligned, drop_plan, pick, run_fused
+from rapydli.graph.ops import (Ref, aligned, drop_plan, pick, run_fused, sum_task,
+                               sum_update_task, update_task)
+
+
+def _sums_into_updates(graph, program: list, keep: tuple) -> tuple:
+    """``program`` with each gradient sum that only its weight's update reads fused into that
+    update (:func:`rapydli.graph.ops.sum_update_task`): the same bits, without writing the
+    sum out and reading it back (a data-parallel step sums and updates every weight)."""
+    at = {entry[0]: i for i, entry in enumerate(program)}
+    out = list(program)
+    for i, (key, fn, slots, _, post) in enumerate(program):
+        if fn is not sum_task or post or key in keep or len(slots) < 2:
+            continue
+        readers = list(graph.successors(key))
+        if len(readers) != 1 or readers[0] not in at:
+            continue
+        j = at[readers[0]]
+        ukey, ufn, uslots, ukwargs, upost = out[j]
+        if ufn is not update_task or uslots[1] != (key, ()) or any(
+                src == key for src, _ in (uslots[0], *uslots[2:])):
+            continue
+        out[j] = (ukey, sum_update_task, (uslots[0], *slots, *uslots[2:]),
+                  {**ukwargs, "grads": len(slots)}, upost)
+        out[i] = None
+    return tuple(entry for entry in out if entry is not None)
 
 
 @dataclass(frozen=True)
@@ -152,7 +176,7 @@ class StepPlan:
             self.task_of.get(s) != name for s in graph.successors(k))))
         mail = any(k in self.mail for k in keys) or any(
             p in self.mail for k in keys for p in graph.predecessors(k))
-        program = tuple(program)
+        program = _sums_into_updates(graph, program, keep)
         return FusedTask(name, worker, program, keep, tuple(externals), tuple(keys),
                          drop_plan(program, keep), mail)
 

@@ -715,13 +715,15 @@ def sgd_kernel(w, g, v, has_v, lr, momentum, weight_decay, nesterov):
 
 
 @_jit
-def sgd_kernel_inplace(w, g, v, lr, momentum, weight_decay, nesterov):
+def sgd_kernel_inplace(w, g, g_add, add, v, lr, momentum, weight_decay, nesterov):
     """The step of :func:`sgd_kernel` written into ``w`` and ``v`` (``v`` holds zeros or the
-    previous velocity; unused without momentum)."""
+    previous velocity; unused without momentum). With ``add`` the gradient is ``g + g_add``,
+    summed in ``w``'s dtype as it is read (the bits of summing first, without the array)."""
     n = w.shape[0]
     use_m = momentum != 0.0
     for i in prange(n):
-        g2 = g[i] + weight_decay * w[i] if weight_decay != 0.0 else g[i]
+        gi = g[i] + g_add[i] if add else g[i]
+        g2 = gi + weight_decay * w[i] if weight_decay != 0.0 else gi
         if use_m:
             vn = w.dtype.type(momentum * v[i] + g2)
             v[i] = vn

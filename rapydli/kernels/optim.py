@@ -73,13 +73,15 @@ def sgd_update(
 
 def sgd_update_(
     w: Array, g: Array, v: Array | None, lr: float, momentum: float = 0.0,
-    weight_decay: float = 0.0, nesterov: bool = False,
+    weight_decay: float = 0.0, nesterov: bool = False, g_add: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """:func:`sgd_update` written into ``w`` and ``v`` (the caller owns them); returns them.
 
     The one kernel that writes into its inputs: the engine uses it for weights it owns and
     that no op reads after their update (``TileGraph.validate`` checks that). ``v`` None
-    with momentum gets a new buffer.
+    with momentum gets a new buffer. ``g_add``: a second gradient; the step is that of
+    ``g + g_add`` (a sum of two workers' gradients), with the same bits as summing first,
+    but the Numba kernel adds them as it reads them instead of writing the sum out.
 
     >>> import numpy as np
     >>> w = np.array([1.0]); w2, v = sgd_update_(w, np.array([0.5]), None, 0.1, 0.9)
@@ -87,6 +89,8 @@ def sgd_update_(
     (True, array([0.95]), array([0.5]))
     """
     _check_gradient(w, g)  # before any kernel reads g by w's size
+    if g_add is not None:
+        _check_gradient(w, g_add)
     if v is not None and tuple(v.shape) != tuple(w.shape):
         raise ShapeError(f"momentum buffer shape {tuple(v.shape)} differs from weight shape "
                          f"{tuple(w.shape)}")
@@ -94,9 +98,11 @@ def sgd_update_(
         v = get_array_module(w).zeros_like(w)
     owned = w.flags.c_contiguous and (v is None or v.flags.c_contiguous)
     cu = gpu(w, g, v) if owned else None
+    nb = fast(w, g, v, g_add) if owned and cu is None else None
+    if nb is None and g_add is not None:
+        g, g_add = g + g_add, None
     if cu is not None:
         return cu.sgd_update_(w, g, v, lr, momentum, weight_decay, nesterov)
-    nb = fast(w, g, v) if owned else None
     if nb is None:
         new_w, new_v = sgd_update_reference(w, g, v, lr, momentum, weight_decay, nesterov)
         w[...] = new_w
@@ -104,8 +110,11 @@ def sgd_update_(
             v[...] = new_v
         return w, v
     flat_v = w.reshape(-1) if v is None else v.reshape(-1)
-    nb.sgd_kernel_inplace(w.reshape(-1), contiguous(g).reshape(-1), flat_v, float(lr),
-                          float(momentum), float(weight_decay), bool(nesterov))
+    flat_g = contiguous(g).reshape(-1)
+    add = g_add is not None
+    nb.sgd_kernel_inplace(w.reshape(-1), flat_g, contiguous(g_add).reshape(-1) if add else flat_g,
+                          add, flat_v, float(lr), float(momentum), float(weight_decay),
+                          bool(nesterov))
     return w, v
 
 
