@@ -298,6 +298,8 @@ class Bell:
     def __init__(self, path: str, fd: int):
         self.path, self.fd = path, fd
         self._pending = b""  # the start of a record not yet read whole
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
         self._close = weakref.finalize(self, os.close, fd)
 
     @classmethod
@@ -324,8 +326,8 @@ class Bell:
     def wait(self, timeout: float) -> list:
         """The messages rung since the last call, waiting up to ``timeout`` seconds for the
         first record (an empty list on a timeout or a bare :meth:`wake`)."""
-        try:
-            ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
+        try:  # poll, not select: a worker may hold more than select's 1,024 descriptors
+            ready = self._poll.poll(max(timeout, 0.0) * 1000.0)
         except (OSError, ValueError):  # closed under us: the mailbox is closing
             return []
         if not ready:
