@@ -107,3 +107,21 @@ def test_worker_processes_settle_their_heaps(process_client):
            placement=rd.data_parallel(2))
     frozen = process_client.run(gc.get_freeze_count)
     assert len(frozen) == 2 and all(n > heap.MAX_OBJECTS for n in frozen.values())
+
+
+def test_the_environment_turns_settling_off(fresh, monkeypatch):
+    class Client:
+        def __init__(self):
+            self.plugins = []
+
+        def register_plugin(self, plugin):
+            self.plugins.append(plugin)
+
+    monkeypatch.setenv(heap.ENV_VAR, "0")
+    assert not heap.settle() and gc.get_freeze_count() == 0  # the heap is past 1000 objects
+    heap.register(off := Client())
+    assert off.plugins == []
+    monkeypatch.setenv(heap.ENV_VAR, "1")
+    heap.register(on := Client())
+    assert [type(p) for p in on.plugins] == [heap.SettleHeap]
+    assert heap.settle() and gc.get_freeze_count() > 0

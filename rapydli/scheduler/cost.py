@@ -36,7 +36,8 @@ only by outputs and the outputs themselves. The replay then differs in this:
   reads a tile of another worker waits until that tile arrived, holding its device (no other
   task starts there before the worker task ended);
 - where the devices of a node share its cores (``node.flops``), posting tiles costs the sender
-  device time: ``overhead.per_message`` per message (an actor call to the peer's mailbox;
+  device time: ``overhead.per_message`` per message (to the peer's mailbox: a doorbell record between
+  workers of one machine, an actor call otherwise;
   0 where a spec does not set it, as in specs written before it existed:
   :func:`calibrate_local` measures it) plus the bytes at the link's bandwidth (the comms'
   socket writes run on the kernels' cores; measured on this machine, each worker's event loop

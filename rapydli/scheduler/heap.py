@@ -23,7 +23,10 @@ and 205,000, its memory flat.
 
 Workers settle through :class:`SettleHeap`, a Dask worker plugin an engine registers on its
 client; the training loop settles the client process with :func:`settled`, which puts the
-frozen objects back into the collector's care when training ends.
+frozen objects back into the collector's care when training ends. ``RAPYDLI_SETTLE_HEAP=0`` in
+the environment of the process that trains turns both off (workers already settling keep
+their plugin until they restart): for a cluster whose worker processes hold objects of their
+own that become cyclic garbage, or to compare.
 """
 from __future__ import annotations
 
@@ -40,14 +43,24 @@ MAX_OBJECTS = 20_000
 #: at steady state), so that the heap a first step leaves is settled within about a second
 CHECK_SECONDS = 1.0
 
+#: the environment variable that turns settling off where it is "0"
+ENV_VAR = "RAPYDLI_SETTLE_HEAP"
+
 #: when this process last checked its heap (monotonic seconds; None: never)
 _last_check: float | None = None
+
+
+def enabled() -> bool:
+    """Whether settling is on (``RAPYDLI_SETTLE_HEAP`` is not ``"0"``)."""
+    return os.environ.get(ENV_VAR, "1").strip() != "0"
 
 
 def settle(force: bool = False) -> bool:
     """Freeze the heap if it grew past :data:`MAX_OBJECTS` since the last settle; checked at
     most once per :data:`CHECK_SECONDS` unless ``force``. Returns whether it froze."""
     global _last_check
+    if not force and not enabled():
+        return False
     now = time.monotonic()
     if not force and _last_check is not None and now - _last_check < CHECK_SECONDS:
         return False
@@ -96,8 +109,8 @@ class SettleHeap(WorkerPlugin):
 
 def register(client) -> None:
     """Have every worker of ``client``'s cluster, and every worker joining it, settle its heap
-    (see :class:`SettleHeap`); once per client."""
-    if client not in _registered:
+    (see :class:`SettleHeap`); once per client, and not while settling is off."""
+    if enabled() and client not in _registered:
         client.register_plugin(SettleHeap())
         _registered.add(client)
 

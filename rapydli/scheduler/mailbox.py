@@ -8,8 +8,9 @@ a ``send`` op posts its tile to the receiving worker's :class:`Mailbox` (a Dask 
 over Dask's worker-to-worker comms, never through the scheduler) the moment it is computed,
 and the consuming op takes it from its own worker's mailbox. Tiles still travel exactly as the
 graph's send ops say; only the scheduler leaves the path of each exchange. Between worker
-processes on one machine a large tile travels through shared memory and the message carries
-only where it is (:mod:`rapydli.scheduler.shared`).
+processes on one machine the tiles travel through shared memory and the message, carrying
+only where they are, through the receiving mailbox's doorbell, a named pipe its waiting take
+reads: neither worker's event loop handles it (:mod:`rapydli.scheduler.shared`).
 
 Every worker runs its ops in one global topological order (see
 :func:`rapydli.graph.fuse.mail_order`),

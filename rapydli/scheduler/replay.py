@@ -171,9 +171,9 @@ def posting_time(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> 
     """Device seconds a worker spends posting the tiles of ``sends`` (one run of mail sends,
     leaving as one message per receiving worker), where the devices of a node share its cores
     (``node.flops``): the comms' CPU work (socket writes, framing) takes the cores the kernels
-    run on. One ``overhead.per_message`` per message (an actor call to the peer's mailbox, far
-    cheaper than a Dask task) plus the tiles' bytes at the link's bandwidth; nothing where
-    devices have cores of their own."""
+    run on. One ``overhead.per_message`` per message (to the peer's mailbox: a doorbell record
+    on one machine, an actor call otherwise; far cheaper than a Dask task) plus the tiles'
+    bytes at the link's bandwidth; nothing where devices have cores of their own."""
     if not cluster.node_flops:
         return 0.0
     dests: dict[int, float] = {}
