@@ -505,6 +505,6 @@ def test_calibrate_local_measures_this_machine():
     spec = calibrate_local(repeats=1)
     assert spec.n_devices == 2 and spec.device.flops > 1e8
     assert spec.overhead.dispatch > 0 and spec.intra_node.bandwidth > 0
-    assert 0 < spec.overhead.per_message < 0.1  # seconds per 64 B actor call
+    assert 0 < spec.overhead.per_message < 0.1  # seconds per 64 B message (by doorbell here)
     assert 0 < spec.overhead.mail_latency < 0.1  # half a round trip of a 64 B tile
     assert dump_cluster(parse_cluster(yaml_round_trip(spec))) == dump_cluster(spec)

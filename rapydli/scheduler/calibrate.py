@@ -157,16 +157,17 @@ def _measure_dask(client, workers: list[str], repeats: int, n: int = 21,
             "bandwidth": payload / max(moving, 1e-6)}
 
 
-def _post_seconds(boxes: tuple, n: int, nbytes: int) -> float:
-    """In a task: post ``n`` tiles of ``nbytes`` to mailbox ``boxes[0]``, one message each as
-    the engine posts a run of sends, and wait until all were delivered; seconds per message."""
+def _post_seconds(boxes: tuple, step: str, n: int, nbytes: int) -> float:
+    """In a task of mesh worker 0: post ``n`` tiles of ``nbytes`` to mailbox ``boxes[1]``, one
+    message each as the engine posts a run of sends (by doorbell where the two share a
+    machine, as the engine's do), and wait until all were delivered; seconds per message."""
     from rapydli.scheduler.mailbox import Exchange
 
     tile = np.ones(nbytes // 4, np.float32)
-    exchange = Exchange("calib", -1, boxes)  # -1: the sender has no mailbox, it only posts
+    exchange = Exchange(step, 0, boxes)
     start = time.perf_counter()
     for i in range(n):
-        exchange.post(f"t{i}", tile, (0,))
+        exchange.post(f"t{i}", tile, (1,))
         exchange.flush()
     exchange.finish()
     return (time.perf_counter() - start) / n
@@ -191,10 +192,25 @@ def _measure_message(client, workers: list[str], repeats: int, n: int = 200,
     """``per_message``: the sender's seconds per small message of the direct exchange, from a
     task on ``workers[0]`` posting to a :class:`~rapydli.scheduler.mailbox.Mailbox` on
     ``workers[1]`` (median over ``repeats`` runs after a warm-up)."""
-    with _mailboxes(client, workers[1:2]) as boxes:
-        runs = [client.submit(_post_seconds, boxes, n, nbytes, pure=False,
-                              workers=workers[:1]).result() for _ in range(repeats + 1)]
+    runs = []
+    with _mailboxes(client, workers[:2]) as boxes:
+        for r in range(repeats + 1):
+            posts = client.submit(_post_seconds, boxes, f"calib-{r}", n, nbytes, pure=False,
+                                  workers=workers[:1])
+            takes = client.submit(_take_all, boxes, f"calib-{r}", n, pure=False,
+                                  workers=workers[1:2])  # so that no message waits unread
+            runs.append(posts.result())
+            takes.result()
     return float(np.median(runs[1:]))  # first run: warm-up (the actor proxy, imports)
+
+
+def _take_all(boxes: tuple, step: str, n: int) -> None:
+    """In a task of mesh worker 1: take the ``n`` tiles :func:`_post_seconds` posts."""
+    from rapydli.scheduler.mailbox import Exchange
+
+    exchange = Exchange(step, 1, boxes, timeout=60.0)
+    for i in range(n):
+        exchange.take(f"t{i}")
 
 
 def _ping(boxes: tuple, me: int, n: int) -> float:
