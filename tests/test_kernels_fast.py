@@ -426,3 +426,28 @@ def test_max_pooling_ties_and_nan_follow_the_reference(impl, dt, size, stride, m
     np.testing.assert_array_equal(y, expected_y)
     np.testing.assert_allclose(K.maxpool2d_backward(x, y, dy, size, stride), expected_dx,
                                rtol=1e-6 if dt == np.float32 else 1e-12)
+
+
+def test_dense_weight_gradients_go_where_the_caller_wants_them_with_the_same_bits():
+    from rapydli.kernels.backend import outputs_from
+    from rapydli.kernels.dense import dense_backward_params
+
+    rng = np.random.default_rng(5)
+    x, dy = _rnd(rng, 32, 96).astype(np.float32), _rnd(rng, 32, 48).astype(np.float32)
+    want_w, want_b = dense_backward_params(x, dy, np.float32)
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(np.empty(shape, dtype))
+        return given[-1]
+
+    with outputs_from(allocate):
+        got_w, got_b = dense_backward_params(x, dy, np.float32)
+    assert len(given) == 1 and got_w is given[0]
+    np.testing.assert_array_equal(got_w, want_w)
+    np.testing.assert_array_equal(got_b, want_b)
+    with outputs_from(allocate):  # another dtype than the inputs': allocated as usual
+        got64, _ = dense_backward_params(x, dy, np.float64)
+    assert len(given) == 1 and got64.dtype == np.float64
+    with outputs_from(lambda shape, dtype: None):  # nothing to give: as usual
+        np.testing.assert_array_equal(dense_backward_params(x, dy, np.float32)[0], want_w)

@@ -104,6 +104,28 @@ def test_a_full_shared_memory_sends_by_message_and_leaves_no_file(pool, monkeypa
     assert segments.segments == [] and set(os.listdir(shared.SHM_DIR)) == before
 
 
+def test_a_tile_computed_in_its_segment_is_posted_without_a_copy(pool):
+    segments, mappings = pool
+    assert segments.allocate((8,), np.float32) is None  # small: by message, as before
+    out = segments.allocate((128, 160), np.float32)
+    (path, flag, _), = segments.segments
+    assert flag[1] == 1 and flag[0] == 0  # held by its array, not yet posted
+    out[...] = _big()  # a kernel writes it
+    tile = segments.pack(out)
+    assert tile.path == path and len(segments.segments) == 1 and flag[0] == 1  # no copy
+    second = segments.pack(out)  # to a second peer: a copy of its own
+    assert second.path != path and len(segments.segments) == 2
+    got = mappings.open(tile)
+    np.testing.assert_array_equal(got, _big())
+    del got
+    gc.collect()
+    assert flag[0] == 0 and flag[1] == 1  # read, but the sender's array still lives
+    assert segments.pack(_big(1)).path != path  # so the segment is not reused
+    del out
+    gc.collect()
+    assert flag[1] == 0 and segments.pack(_big(2)).path == path  # now it is
+
+
 def test_closing_deletes_the_segments_and_a_probe_tells_who_shares_memory(pool):
     segments, mappings = pool
     tile = segments.pack(_big())
@@ -149,6 +171,8 @@ def test_the_direct_exchange_trains_alike_through_shared_memory(client):
         engine, losses = _train(client, net, x, y, 4, exchange="direct", shared_memory=flag)
         boxes = [b for name, b in Mailbox._here.items() if engine._token in name]
         made = sorted({p for b in boxes for p, _, _ in b.segments.segments})
+        # the weight gradients of 64 KiB or more were computed in their segments
+        assert all(b.segments._in_place for b in boxes) == flag
         runs[flag] = (losses, engine.get_params(), made)
         engine.close()
         assert not [p for p in made if os.path.exists(p)]

@@ -283,6 +283,8 @@ class _Lowering:
                         layer.name, flops=flops - flops // 2))
                 else:
                     kwargs = dict(layer=layer, names=names, need_dx=i > 0)
+                    if self.split_backward(layer, tile):  # the first layer: nothing to split
+                        kwargs["posted"] = True
                     fused = self.fused_update(layer, tile)
                     if fused:
                         kwargs["optimizer"] = self.optimizer

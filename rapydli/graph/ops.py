@@ -6,6 +6,7 @@ starting with ``$`` that the engine binds per step (data, batch indices, residen
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from rapydli.kernels.backend import get_array_module
+from rapydli.kernels.backend import get_array_module, outputs_from
 from rapydli.graph.tiles import Region, intersect, relative, shape_of
 
 #: phases an op belongs to
@@ -160,10 +161,20 @@ def forward_task(x, *params, layer, names: tuple[str, ...]):
     return layer.forward(x, dict(zip(names, params)))
 
 
-def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: bool):
-    """``(dx, (dparam, ...))`` with the parameter gradients in the order of ``names``."""
-    dx, grads = layer.backward(x, y, dict(zip(names, params)), dy, need_dx)
+def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: bool,
+                  posted: bool = False):
+    """``(dx, (dparam, ...))`` with the parameter gradients in the order of ``names``;
+    ``posted``: they go to sums on other workers (as :func:`backward_params_task`'s do)."""
+    with _posting_outputs(posted):
+        dx, grads = layer.backward(x, y, dict(zip(names, params)), dy, need_dx)
     return dx, tuple(grads[n] for n in names)
+
+
+def _posting_outputs(posted: bool):
+    """Where the running task posts through shared memory, kernels inside write their large
+    outputs there as they compute them (``posted``: the op's outputs are posted), so that
+    posting them copies nothing (see :meth:`rapydli.scheduler.mailbox.Exchange.allocate`)."""
+    return outputs_from(getattr(_posting, "allocate", None) if posted else None)
 
 
 def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
@@ -174,8 +185,10 @@ def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
 
 
 def backward_params_task(x, carry, *params, layer, names: tuple[str, ...]):
-    """``(dparam, ...)`` in the order of ``names``: the second part of a split backward pass."""
-    grads = layer.backward_params(x, carry, dict(zip(names, params)))
+    """``(dparam, ...)`` in the order of ``names``: the second part of a split backward pass.
+    Its gradients go to sums on other workers (see :func:`_posting_outputs`)."""
+    with _posting_outputs(True):
+        grads = layer.backward_params(x, carry, dict(zip(names, params)))
     return tuple(grads[n] for n in names)
 
 
@@ -226,6 +239,10 @@ def sum_update_task(weight, *values, optimizer, slots: tuple[str, ...], inplace:
     return (new_weight, *(new_state[s] for s in slots))
 
 
+#: per thread: the running task's :meth:`~rapydli.scheduler.mailbox.Exchange.allocate` (or None)
+_posting = threading.local()
+
+
 def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -> dict:
     """Run a fused chain of ops in order; returns the outputs in ``keep``, by key.
 
@@ -237,11 +254,20 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -
     for the task's next take (see :meth:`rapydli.scheduler.mailbox.Exchange.flush`). Mail
     goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`). ``drops``:
     ``drop_plan(program, keep)``, where the caller has it already (a plan's tasks do).
+    While it runs, ops that make tiles to post may take their memory from the exchange
+    (``_posting.allocate``; :func:`backward_params_task` does).
     """
+    _posting.allocate = getattr(exchange, "allocate", None)
+    try:
+        return _run(program, keep, values, exchange, drop_plan(program, keep) if drops is None
+                    else drops)
+    finally:
+        _posting.allocate = None
+
+
+def _run(program: tuple, keep: tuple, values: tuple, exchange, drops: tuple) -> dict:
     env: dict[Any, Any] = dict(enumerate(values))
     seconds = _OP_SECONDS
-    if drops is None:
-        drops = drop_plan(program, keep)
     for i, (key, fn, slots, kwargs, post) in enumerate(program):
         if exchange is not None and not post:  # tiles posted by the ops just run leave now
             exchange.flush(urgent_only=True)

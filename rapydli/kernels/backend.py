@@ -4,7 +4,9 @@ CuPy is optional; it is imported lazily and only when it is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -71,3 +73,27 @@ def available_backends() -> tuple[str, ...]:
     if cp is not None and cp.cuda.is_available():  # is_available() swallows driver errors
         names.append("cupy")
     return tuple(names)
+
+
+#: per thread: where kernels that can write their large outputs into given memory get it
+_outputs = threading.local()
+
+
+@contextlib.contextmanager
+def outputs_from(allocate):
+    """Inside, kernels that support it take their large outputs from ``allocate(shape,
+    dtype)``, an empty C-contiguous NumPy array or None (then they allocate as usual): the
+    direct exchange hands out shared memory for the gradients it is about to post, so that
+    posting them copies nothing. ``allocate`` None: as usual."""
+    before = getattr(_outputs, "allocate", None)
+    _outputs.allocate = allocate
+    try:
+        yield
+    finally:
+        _outputs.allocate = before
+
+
+def output_array(shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    """An array for a kernel's output from :func:`outputs_from`'s ``allocate``, or None."""
+    allocate = getattr(_outputs, "allocate", None)
+    return None if allocate is None else allocate(shape, np.dtype(dtype))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rapydli.kernels.backend import get_array_module
+import numpy as np
+
+from rapydli.kernels.backend import get_array_module, output_array
 
 __all__ = ["dense_backward", "dense_backward_input", "dense_backward_params", "dense_forward"]
 
@@ -86,6 +88,13 @@ def dense_backward_input(dy: Array, w: Array, dtype) -> Array:
 def dense_backward_params(x: Array, dy: Array, dtype) -> tuple[Array, Array]:
     """The parameter gradients ``(dw, db)`` of :func:`dense_backward`, ``dw`` in ``dtype``:
     the part that only the weights' update waits for."""
-    dw = get_array_module(x).matmul(dy.T, x).astype(dtype, copy=False)  # (O, I)
+    xp = get_array_module(x)
+    out = None
+    if xp is np and x.dtype == dy.dtype == np.dtype(dtype):  # where the caller wants it
+        out = output_array((dy.shape[1], x.shape[1]), dtype)
+    if out is None:
+        dw = xp.matmul(dy.T, x).astype(dtype, copy=False)  # (O, I)
+    else:
+        dw = np.matmul(dy.T, x, out=out)
     db = dy.sum(axis=0).astype(dy.dtype, copy=False)  # (O,)
     return dw, db

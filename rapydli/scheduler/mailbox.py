@@ -27,6 +27,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
 from rapydli.scheduler.shared import (BELL_MIN_BYTES, MIN_BYTES, Bell, Mappings, Segments,
@@ -234,6 +236,17 @@ class Exchange:
             else:
                 items = [(key, value) for key, value, _ in items]
             self._posted.append(_proxy(self.boxes[dest]).put(items))
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+        """An empty array in this worker's shared memory for a tile about to be posted to
+        peers on this machine, computed in place so that posting it copies nothing; None
+        where tiles do not go through shared memory (then the kernel allocates as usual)."""
+        mine = Mailbox._here.get(self.boxes[self.me][2]) if self.shared and self.me >= 0 \
+            else None
+        if mine is None or not any(mine.segments.shares_with(box[2])
+                                   for i, box in enumerate(self.boxes) if i != self.me):
+            return None
+        return mine.segments.allocate(shape, dtype)
 
     def take(self, key: str):
         """The output of op ``key`` that another mesh worker posted here for this step."""

@@ -28,12 +28,16 @@ other tile travels inside the message, as before. A segment is allocated in full
 made (``posix_fallocate``), so a full ``/dev/shm`` means a tile by message, never a crash.
 
 A segment is one file: a header of :data:`HEADER` bytes (byte 0: 1 while a tile in it is
-unread or in use, 0 when free), then the tile. Only its sender writes a tile into it, only when
-free; only a receiver frees it. Segments are deleted when their mailboxes close, and a
-mailbox closing with its engine deletes its peers' files on this machine too, so that a worker
-that was killed leaves nothing behind once the engine closes. A machine whose workers are all
-killed, and whose engines never closed, keeps the files until it restarts: remove
-``/dev/shm/rapydli-*`` then.
+unread or in use by its receiver; byte 1: 1 while its sender's own array of it lives; free
+when both are 0), then the tile. Only its sender writes a tile into it, only when free: by
+copying a tile in as it posts it, or, for a gradient a kernel computes straight into the
+segment (:meth:`Segments.allocate`), before; posting that one copies nothing. Only a receiver
+clears byte 0, and only the sender's array going clears byte 1.
+
+Segments are deleted when their mailboxes close, and a mailbox closing with its engine
+deletes its peers' files on this machine too, so that a worker that was killed leaves nothing
+behind once the engine closes. A machine whose workers are all killed, and whose engines never
+closed, keeps the files until it restarts: remove ``/dev/shm/rapydli-*`` then.
 """
 from __future__ import annotations
 
@@ -136,6 +140,8 @@ class Segments:
         self.closed = False
         #: write ends of the doorbells rung, by receiving mailbox name
         self._bells: dict[str, int] = {}
+        #: segments by the address of their tile, for arrays allocate handed out
+        self._in_place: dict[int, tuple] = {}
         self._lock = threading.Lock()
 
     def shares_with(self, name: str) -> bool:
@@ -156,6 +162,9 @@ class Segments:
         if not isinstance(value, np.ndarray) or value.nbytes < min_bytes or value.dtype.hasobject:
             return None
         with self._lock:
+            tile = self._computed_here(value)
+            if tile is not None:
+                return tile
             segment = None if self.closed else self._segment_for(value.nbytes)
             if segment is None:
                 return None
@@ -164,11 +173,42 @@ class Segments:
         np.copyto(np.ndarray(value.shape, value.dtype, mapping, HEADER), value)
         return SharedTile(path, value.shape, value.dtype.str)
 
+    def allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+        """An empty array in a free segment, held until the array (and every view of it) goes;
+        :meth:`pack` then posts it without a copy. None below :data:`MIN_BYTES`, or when no
+        segment is to be had."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes < MIN_BYTES or dtype.hasobject:
+            return None
+        with self._lock:
+            segment = None if self.closed else self._segment_for(nbytes)
+            if segment is None:
+                return None
+            segment[1][1] = 1  # held by the array below
+        array = np.ndarray(shape, dtype, segment[1], HEADER)
+        self._in_place[array.ctypes.data] = segment
+        weakref.finalize(array, _let_go, segment[1], 1)
+        return array
+
+    def _computed_here(self, value: np.ndarray) -> SharedTile | None:
+        """The handle of ``value`` if it is an array :meth:`allocate` handed out, whole and
+        not yet posted (holding the lock)."""
+        segment = self._in_place.get(value.ctypes.data)
+        if segment is None or not value.flags.c_contiguous:
+            return None
+        path, mapping, capacity = segment
+        if mapping[1] != 1 or mapping[0] != 0 or value.nbytes > capacity:
+            return None  # its array is gone (a new one at the same place), or posted already
+        mapping[0] = 1
+        return SharedTile(path, value.shape, value.dtype.str)
+
     def _segment_for(self, nbytes: int):
         """The smallest free segment that holds ``nbytes`` (at most twice as big), else a new
         one; None when the limit or the machine's shared memory is reached."""
         capacity = -(-nbytes // 4096) * 4096  # whole pages: a small tile reuses its page
-        fits = [s for s in self.segments if capacity <= s[2] <= 2 * capacity and s[1][0] == 0]
+        fits = [s for s in self.segments if capacity <= s[2] <= 2 * capacity and s[1][0] == 0
+                and s[1][1] == 0]
         if fits:
             return min(fits, key=lambda s: s[2])
         if self.held + capacity > self.limit:
@@ -230,6 +270,7 @@ class Segments:
                 except BufferError:  # an array still views it: it goes with that array
                     pass
             self.segments.clear()
+            self._in_place.clear()
             self.held = 0
 
 
@@ -279,8 +320,13 @@ class Mappings:
 
 
 def _free(mapping: mmap.mmap) -> None:
+    _let_go(mapping, 0)
+
+
+def _let_go(mapping: mmap.mmap, holder: int) -> None:
+    """Clear a segment's header byte ``holder`` (0: its receiver, 1: its sender's array)."""
     try:
-        mapping[0] = 0
+        mapping[holder] = 0
     except ValueError:  # the mapping was closed: its sender is gone
         pass
 
