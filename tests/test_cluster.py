@@ -36,6 +36,7 @@ def test_workers_start_with_malloc_thread_and_profiler_settings_the_client_keeps
         # reads OMP_WAIT_POLICY once, when they start
         assert {name: started.get(name) for name in want} == want
         assert want["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+        assert want["MALLOC_ARENA_MAX"] == "1"  # one arena: no heaps unmapped and faulted back
         assert want["OMP_NUM_THREADS"] == want["OPENBLAS_NUM_THREADS"] == "2"
         # Dask's stack-sampling profiler is off in the workers, and only there
         import dask
@@ -47,3 +48,4 @@ def test_workers_start_with_malloc_thread_and_profiler_settings_the_client_keeps
         cluster = client.cluster
         client.close()
         cluster.close()
+

@@ -14,8 +14,14 @@ from rapydli.errors import ClusterError, PlacementError
 #: step is then a fresh mmap, zeroed page by page, and returned at once (measured on the MLP
 #: step of benchmarks/overhead.py inside a worker: 486k minor page faults per 90 steps against
 #: 34k in a plain process, and 1.5x its time). Arrays up to 32 MiB come from the heap instead,
-#: and only free space beyond 256 MiB at its top is returned to the system.
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+#: and only free space beyond 256 MiB at its top is returned to the system. One arena: the
+#: task thread's own arena (glibc gives each thread one of up to 8 per core) is a chain of
+#: 64 MiB heaps that glibc unmaps as they empty, so steps still faulted their arrays in page
+#: by page, the more so the fewer steps a task holds (1-worker MLP of benchmarks/scaling.py:
+#: 1,700-2,000 faults a step at 8 steps a task and 41 ms, 240-390 and 38 ms at 16-64; with
+#: one arena 1-6 faults and 38 ms at every size).
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                 "MALLOC_ARENA_MAX": "1"}
 
 
 #: Dask settings of the embedded cluster's workers. Dask's statistical profiler samples every
