@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "or batch jobs (slurm, pbs; needs dask-jobqueue)")
     train.add_argument("--steps-per-task", type=_steps_per_task, default="auto",
                        help="unroll this many training steps into one task graph; 'auto' "
-                            "(default): about half a second of work per task")
+                            "(default): about two seconds of work per task")
     train.add_argument("--exchange", default="auto", choices=EXCHANGES,
                        help="how tiles travel between workers: direct (worker to worker "
                             "inside each worker's step task; what 'auto' picks with more than "

@@ -41,8 +41,11 @@ SNAPSHOT_SECONDS = 10.0
 #: ``steps_per_task="auto"``: steps are unrolled into one task until it runs about this long.
 #: Each submitted graph costs the scheduler and client some 10-20 ms of CPU (measured with
 #: the MLP of benchmarks/overhead.py on a 1-worker LocalCluster), taken from the cores the
-#: kernels run on; at half a second a task that share is a few percent.
-TASK_SECONDS = 0.5
+#: kernels run on, and with the direct exchange each task boundary holds every worker until
+#: the slowest has its next task (the data-parallel MLP of benchmarks/scaling.py on 2 worker
+#: processes: 23.06 ms a step at 16 steps a task, 22.50 at 64; about 13 ms a boundary). At
+#: two seconds a task both are under 1%; results and progress still come every two seconds.
+TASK_SECONDS = 2.0
 #: the most steps ``"auto"`` puts in one task
 MAX_STEPS_PER_TASK = 64
 

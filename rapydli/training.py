@@ -102,7 +102,7 @@ def fit(network, x, y=None, *, placement=None, optimizer=None, epochs: int = 1,
     The test split is evaluated every ``eval_every`` epochs and after the last one.
     ``steps_per_task > 1`` unrolls that many steps into one graph (see
     :mod:`rapydli.graph.unroll`): fewer, larger tasks, the same numbers; ``"auto"`` (the
-    default) sizes the graphs from the measured step time on a cluster (about half a second
+    default) sizes the graphs from the measured step time on a cluster (about two seconds
     of work each, see :class:`rapydli.trainer.TaskSize`) and runs one step at a time
     in-process. ``exchange`` is how tiles travel between workers: ``"direct"`` (worker to
     worker inside tasks, see :mod:`rapydli.scheduler.mailbox`; what ``"auto"`` picks on a

@@ -229,8 +229,8 @@ def test_auto_task_size_follows_the_measured_step_time(monkeypatch):
             seen.append(size.steps)
         return seen
 
-    assert sizes(0.03)[-1] == 16  # 0.5 s / 0.03 s per step: 16 steps (a power of two)
-    assert sizes(2.0) == [1] * 8  # steps longer than a task: one each
+    assert sizes(0.1)[-1] == 16  # 2 s / 0.1 s per step: 16 steps (a power of two)
+    assert sizes(3.0) == [1] * 8  # steps longer than a task: one each
     assert sizes(1e-5)[-1] == trainer.MAX_STEPS_PER_TASK
     assert sizes(0.03, distributed=False) == [1] * 8  # in-process: nothing to amortise
     assert trainer.TaskSize(5, True).steps == 5
