@@ -430,3 +430,27 @@ def test_steps_between_workers_of_one_machine_ring_instead_of_calling_the_actor(
         engine.close()
         counts[flag] = len(calls)
     assert counts[True] == 0 and counts[False] >= 3 * 2
+
+
+def test_messages_the_doorbell_refuses_go_by_actor_with_the_same_numbers(client, monkeypatch):
+    """Every other doorbell record refused (a full pipe, a record too long): those messages
+    go by actor call, a take waiting at the doorbell wakes for them, and the training is bit
+    for bit the one where every message rang."""
+    net = _wide()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
+    engine, rung = _train(client, net, x, y, 4, exchange="direct")
+    params = engine.get_params()
+    engine.close()
+    real, calls = Segments.ring, []
+
+    def ring(self, name, message):
+        calls.append(name)
+        return len(calls) % 2 == 0 and real(self, name, message)
+
+    monkeypatch.setattr(Segments, "ring", ring)
+    engine, mixed = _train(client, net, x, y, 4, exchange="direct")
+    assert len(calls) >= 4 and mixed == rung
+    for name, value in engine.get_params().items():
+        np.testing.assert_array_equal(value, params[name], err_msg=name)
+    engine.close()
