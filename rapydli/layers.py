@@ -87,6 +87,10 @@ class Layer:
 
     #: output axes this layer can cut across workers
     splittable: ClassVar[tuple[str, ...]] = ("batch",)
+    #: parameters whose gradient kernel writes into memory the caller gives it (see
+    #: :func:`rapydli.kernels.backend.outputs_from`): the direct exchange has them computed
+    #: straight into shared memory where they are posted to workers on the same machine
+    gradients_in_place: ClassVar[tuple[str, ...]] = ()
 
     def output_shape(self, input_shape: Shape) -> Shape:
         raise NotImplementedError
@@ -145,6 +149,7 @@ class Dense(Layer):
     activation: str | None = None
     use_bias: bool = True
     splittable: ClassVar[tuple[str, ...]] = ("batch", "features")
+    gradients_in_place: ClassVar[tuple[str, ...]] = ("weight",)  # dense_backward_params' dw
 
     def __post_init__(self):
         if not isinstance(self.units, int) or self.units < 1:

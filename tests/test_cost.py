@@ -508,3 +508,34 @@ def test_calibrate_local_measures_this_machine():
     assert 0 < spec.overhead.per_message < 0.1  # seconds per 64 B message (by doorbell here)
     assert 0 < spec.overhead.mail_latency < 0.1  # half a round trip of a 64 B tile
     assert dump_cluster(parse_cluster(yaml_round_trip(spec))) == dump_cluster(spec)
+
+
+def test_weight_gradients_computed_in_shared_memory_cost_no_copy():
+    """Data parallel on CPU workers of one node: the engine computes a dense layer's weight
+    gradient straight into shared memory, so posting it costs no copy; a bias, and the
+    gradients of a layer whose kernel cannot (a convolution), still cost one."""
+    from rapydli.graph.lower import lower
+    from rapydli.scheduler.replay import computed_in_place
+
+    cpus = dataclasses.replace(cluster(devices=2, flops=1e9, bandwidth=1e9, latency=1e-5,
+                                       per_task=1e-3, per_message=0.0),
+                               device=Device(1e9, 1e9, memory_bandwidth=1e6, kind="cpu"),
+                               node_flops=2e9)
+
+    def in_place(net):
+        graph = lower(net, rd.data_parallel(2), 32, "train", rd.SGD())
+        sends = [k for k in graph.nodes if "/grad/" in k and graph.op(k).kind == "send"]
+        made = {k: computed_in_place(graph, k) for k in sends}
+        for key in sends:  # a copy is charged exactly where the tile is not made in place
+            op = graph.op(key)
+            cost = op.nbytes / 1e9 if op.nbytes < MIN_BYTES else (  # small: in the message
+                0.0 if made[key] else op.nbytes / 1e6)  # else a copy at memory bandwidth
+            assert posting_time(graph, cpus, [key], op.worker) == pytest.approx(cost, abs=1e-12)
+        return {k.split("/grad/")[0] for k, v in made.items() if v}
+
+    cnn = rd.Sequential([rd.Conv2D(32, 3, padding=1), rd.Flatten(),  # conv weight: 72 KiB
+                         rd.Dense(256, activation="relu"), rd.Dense(64), rd.Dense(10)],
+                        input_shape=(64, 4, 4))
+    assert in_place(cnn) == {"2.weight", "3.weight", "4.weight"}  # split backward passes
+    mlp = rd.Sequential([rd.Dense(64, activation="relu"), rd.Dense(10)], input_shape=(300,))
+    assert in_place(mlp) == {"0.weight", "1.weight"}  # the first layer's is not split

@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rapydli.graph import ops
 from rapydli.graph.fuse import SOLO, fuse, only_summed
 from rapydli.scheduler.cluster_spec import ClusterSpec
 from rapydli.scheduler.shared import MIN_BYTES
@@ -130,6 +131,26 @@ def shared_memory(cluster: ClusterSpec, src: int, dest: int, nbytes: int) -> boo
             and nbytes >= MIN_BYTES)
 
 
+def computed_in_place(graph, send: str) -> bool:
+    """Whether the engine computes the tile of mail send ``send`` straight into shared memory,
+    so that posting it copies nothing (:meth:`rapydli.scheduler.mailbox.Exchange.allocate`):
+    a parameter gradient the layer's kernel writes into given memory
+    (``Layer.gradients_in_place``), sent whole from a backward op whose gradients go to sums."""
+    op = graph.op(send)
+    if op.fn is not ops.identity_task or not op.inputs:
+        return False
+    ref = op.inputs[0]
+    src = graph.op(ref.key)
+    if src.fn is ops.backward_params_task:
+        pick = ref.pick
+    elif src.fn is ops.backward_task and src.kwargs.get("posted"):
+        pick = ref.pick[1:] if ref.pick[:1] == (1,) else ()
+    else:
+        return False
+    names, layer = src.kwargs["names"], src.kwargs["layer"]
+    return len(pick) == 1 and names[pick[0]] in layer.gradients_in_place
+
+
 def _deferred(graph, cluster: ClusterSpec, send: str) -> bool:
     """Whether a mail send's tile waits for its program's next take (see
     :meth:`rapydli.scheduler.mailbox.Exchange.flush`): only sums read it, and it costs only
@@ -178,11 +199,15 @@ def posting_time(graph, cluster: ClusterSpec, sends: list[str], worker: int) -> 
         return 0.0
     dests: dict[int, float] = {}
     for mail in sends:
+        in_place = computed_in_place(graph, mail)  # its first shared-memory reader: no copy
         for reader in graph.successors(mail):
             dest, nbytes = graph.op(reader).worker, graph.op(mail).nbytes
-            copy = shared_memory(cluster, worker, dest, nbytes)
-            rate = (cluster.device.memory_bandwidth or float("inf")) if copy else \
-                cluster.link(worker, dest).bandwidth
+            if shared_memory(cluster, worker, dest, nbytes):  # a copy, unless made in place
+                rate = float("inf") if in_place else \
+                    (cluster.device.memory_bandwidth or float("inf"))
+                in_place = False
+            else:
+                rate = cluster.link(worker, dest).bandwidth
             dests[dest] = dests.get(dest, 0.0) + nbytes / rate
     return sum(cluster.overhead.per_message + seconds for seconds in dests.values())
 
