@@ -37,7 +37,10 @@ a thread that exits within a round is not counted; both clusters' schedulers liv
 client process, so the idle one's count under "client"; the two workers are listed by
 process, not by mesh position.
 
-    python benchmarks/scaling.py [--rounds 5] [--steps 64] [--mp-steps 3] [--mp-batch 256]
+Data-parallel rounds are 256 steps: four tasks of 64 steps, the most ``auto`` puts in one,
+so that each round has more than one task, as a long ``fit`` has.
+
+    python benchmarks/scaling.py [--rounds 5] [--steps 256] [--mp-steps 3] [--mp-batch 256]
 """
 from __future__ import annotations
 
@@ -144,7 +147,8 @@ def side_by_side(engines, indices, sizes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up")
-    parser.add_argument("--steps", type=int, default=64, help="pipelined steps a run, data parallel")
+    parser.add_argument("--steps", type=int, default=256,
+                        help="pipelined steps a run, data parallel")
     parser.add_argument("--batch", type=int, default=512, help="data-parallel batch")
     parser.add_argument("--mp-steps", type=int, default=3, help="pipelined steps a run, model parallel")
     parser.add_argument("--mp-batch", type=int, default=256, help="model-parallel batch")
