@@ -307,7 +307,7 @@ def bell():
     ring = Bell.open(name)
     assert ring is not None and os.path.exists(bell_path(name))
     yield name, ring
-    ring.unlink()
+    os.unlink(bell_path(name))
 
 
 def test_a_doorbell_carries_each_message_whole_and_in_order(bell):

@@ -165,16 +165,19 @@ def backward_task(x, y, dy, *params, layer, names: tuple[str, ...], need_dx: boo
                   posted: bool = False):
     """``(dx, (dparam, ...))`` with the parameter gradients in the order of ``names``;
     ``posted``: they go to sums on other workers (as :func:`backward_params_task`'s do)."""
-    with _posting_outputs(posted):
+    with _posting_outputs(layer, posted):
         dx, grads = layer.backward(x, y, dict(zip(names, params)), dy, need_dx)
     return dx, tuple(grads[n] for n in names)
 
 
-def _posting_outputs(posted: bool):
-    """Where the running task posts through shared memory, kernels inside write their large
-    outputs there as they compute them (``posted``: the op's outputs are posted), so that
-    posting them copies nothing (see :meth:`rapydli.scheduler.mailbox.Exchange.allocate`)."""
-    return outputs_from(getattr(_posting, "allocate", None) if posted else None)
+def _posting_outputs(layer, posted: bool):
+    """Where the running task posts through shared memory, the kernels of a layer that can
+    (``Layer.gradients_in_place``, what the simulator reads too) write its gradients there as
+    they compute them (``posted``: the op's gradients are posted), so that posting them
+    copies nothing (see :meth:`rapydli.scheduler.mailbox.Exchange.allocate`)."""
+    allocate = getattr(_posting, "allocate", None) if posted and layer.gradients_in_place \
+        else None
+    return outputs_from(allocate)
 
 
 def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
@@ -187,7 +190,7 @@ def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
 def backward_params_task(x, carry, *params, layer, names: tuple[str, ...]):
     """``(dparam, ...)`` in the order of ``names``: the second part of a split backward pass.
     Its gradients go to sums on other workers (see :func:`_posting_outputs`)."""
-    with _posting_outputs(True):
+    with _posting_outputs(layer, True):
         grads = layer.backward_params(x, carry, dict(zip(names, params)))
     return tuple(grads[n] for n in names)
 

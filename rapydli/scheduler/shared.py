@@ -297,7 +297,7 @@ class Mappings:
         it) is gone."""
         mapping = self._map(tile.path)
         array = np.ndarray(tile.shape, np.dtype(tile.dtype), mapping, HEADER)
-        weakref.finalize(array, _free, mapping)
+        weakref.finalize(array, _let_go, mapping, 0)
         return array
 
     def release(self, tile: SharedTile) -> None:
@@ -317,10 +317,6 @@ class Mappings:
                 except BufferError:
                     pass
             self.maps.clear()
-
-
-def _free(mapping: mmap.mmap) -> None:
-    _let_go(mapping, 0)
 
 
 def _let_go(mapping: mmap.mmap, holder: int) -> None:
@@ -402,8 +398,3 @@ class Bell:
             at += _LENGTH.size + n
         self._pending = data[at:]
         return messages
-
-    def unlink(self) -> None:
-        """Delete the pipe's name: no sender opens it any more (those that did keep writing
-        into it until they see the mailbox closed)."""
-        _remove(self.path)
