@@ -395,17 +395,33 @@ def test_gradients_for_sums_wait_for_the_next_take_where_only_a_message_is_left(
     """Data parallel on CPU workers of one node: every weight gradient goes through shared
     memory or is small, so each worker sends one message a step (at its first sum), as the
     engine does; on GPUs the large gradients leave after the layer that made them."""
-    net = rd.Sequential([rd.Dense(128, activation="relu"), rd.Dense(128, activation="relu"),
+    # weights of 192 KiB and 1 MiB: each worker sends the other blocks of rows of at least
+    # MIN_BYTES (a sharded update), which, off shared memory, leave at once
+    net = rd.Sequential([rd.Dense(512, activation="relu"), rd.Dense(512, activation="relu"),
                          rd.Dense(10)], input_shape=(96,))
     gpus = cluster(devices=2, flops=1e9, bandwidth=1e9, latency=1e-5, per_task=1e-3)
     cpus = dataclasses.replace(gpus, device=Device(1e9, 1e9, kind="cpu"))
 
-    def grad_messages(spec):
-        p = simulate(net, rd.data_parallel(2), 64, spec, rd.SGD(), exchange="direct")
-        return len([t for t in p.transfers if "/grad/" in t.name])
+    from rapydli.graph.fuse import fuse, mail_sends
+    from rapydli.graph.lower import lower
+    from rapydli.scheduler.replay import _carriers
 
-    assert grad_messages(cpus) == 2  # one each way
-    assert grad_messages(gpus) > 2
+    graph = lower(net, rd.data_parallel(2), 64, "train", rd.SGD())
+    mail = mail_sends(graph)
+
+    def grad_messages(spec):  # per worker, the ops after which its gradient tiles leave
+        out = {}
+        for _, worker, keys in fuse(graph, direct=True):
+            carrier = _carriers(graph, keys, mail, spec)
+            out.setdefault(worker, set()).update(
+                carrier[k] for k in keys if k in mail and "/grad/" in k)
+        return {w: c for w, c in out.items() if w is not None}
+
+    assert [len(c) for c in grad_messages(cpus).values()] == [1, 1]  # one each way
+    assert all(len(c) > 1 for c in grad_messages(gpus).values())
+    for spec in (cpus, gpus):  # and the simulator times the step with them
+        assert simulate(net, rd.data_parallel(2), 64, spec, rd.SGD(),
+                        exchange="direct").n_transfers > 0
 
 
 def test_direct_worker_task_holds_its_device():

@@ -347,13 +347,69 @@ def test_validate_catches_a_read_after_an_in_place_update():
         graph.validate()
 
 
+def wide_mlp() -> Sequential:  # 0.weight: 300 x 64 float32 = 75 KiB, over SHARD_MIN_BYTES
+    return Sequential([Dense(300, activation="relu"), Dense(10)], input_shape=(64,))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_data_parallel_replicas_update_blocks_of_rows_of_large_weights(n):
+    """A sharded update: each replica sums and updates one block of rows of a large weight and
+    keeps the optimizer state of those rows only; it receives the others' rows of their
+    gradients, then their updated rows of weights. Small weights, and shard_updates=False,
+    keep one whole update per replica. Either way no op reads a weight after it changed."""
+    from rapydli.graph.comm import row_shards
+    from rapydli.graph.lower import SHARD_MIN_BYTES
+
+    graph = lower(wide_mlp(), data_parallel(n), 12, "train", OPTIMIZER)
+    graph.validate()
+    assert 300 * 64 * 4 >= SHARD_MIN_BYTES > 300 * 4
+    blocks = row_shards(((0, 300), (0, 64)), n)
+    sizes = [b[0][1] - b[0][0] for b in blocks]
+    assert blocks[0][0][0] == 0 and blocks[-1][0][1] == 300 and max(sizes) - min(sizes) <= 1
+    assert all(a[0][1] == b[0][0] and a[1:] == b[1:] == ((0, 64),)
+               for a, b in itertools.pairwise(blocks))
+    updates = {op.key: op for op in graph.ops(kind="update") if op.key.startswith("0.weight")}
+    assert sorted(updates) == sorted(f"0.weight/update/{b[0][0]}:{b[0][1]}x0:64/w{w}"
+                                     for w, b in enumerate(blocks))
+    states = {(info[3], info[4]) for info in graph.graph["placeholders"].values()
+              if info[:3] == ("state", "0.weight", "velocity")}
+    assert states == {(b, w) for w, b in enumerate(blocks)}  # worker w: block w's state only
+    for name in ("0.bias", "1.weight", "1.bias"):  # small: each replica updates all of it
+        assert len([op for op in graph.ops(kind="update") if op.key.startswith(name)]) == n
+    sends = {u: size for u, _, size in graph.crossing_edges() if u.startswith("0.weight/")}
+    grads = [size for u, size in sends.items() if "/grad/" in u]
+    rows = [size for u, size in sends.items() if "/rows/" in u]
+    assert len(grads) == len(rows) == n * (n - 1)
+    # (n - 1) whole weights each way, against n (n - 1) whole gradients sent to every replica
+    assert sum(grads) == sum(rows) == (n - 1) * 300 * 64 * 4
+    assert [op.worker for op in graph.ops(kind="place")] == list(range(n))
+    whole = lower(wide_mlp(), data_parallel(n), 12, "train", OPTIMIZER, shard_updates=False)
+    whole.validate()
+    assert not whole.ops(kind="place") and len(whole.ops(kind="update")) == 4 * n
+
+
+def test_validate_catches_a_read_of_another_replica_after_a_sharded_update():
+    """Replicas on one machine share the weight a sharded update writes rows of: a read by any
+    replica that may come after one of those updates is caught."""
+    from rapydli.graph.ops import Ref, TileOp, identity_task
+
+    graph = lower(wide_mlp(), data_parallel(2), 6, "train", OPTIMIZER)
+    graph.validate()
+    assert graph.op("0.weight/update/0:150x0:64/w0").worker == 0
+    other = "$param:0.weight:((0, 300), (0, 64))@1"  # worker 1's copy, not the one updated
+    graph.add_op(TileOp("late-reader", "forward", "forward", 1, identity_task, (Ref(other),)))
+    with pytest.raises(AssertionError, match="sharded update"):
+        graph.validate()
+
+
 def test_tasks_split_after_big_activation_sends_but_not_after_gradients_to_sum():
     """Model-parallel activations of >= SPLIT_BYTES end their task (the neighbour starts
     sooner); data-parallel gradients under REDUCE_SPLIT_BYTES travel after the task instead."""
     from rapydli.graph import fuse as fusion
 
-    def worker_tasks(net, placement, batch, **kw):
-        graph = lower(net, placement, batch, "train", SGD(lr=0.1, momentum=0.9))
+    def worker_tasks(net, placement, batch, **kw):  # as the graph exchange lowers them
+        graph = lower(net, placement, batch, "train", SGD(lr=0.1, momentum=0.9),
+                      shard_updates=False)
         stage = fusion.stages(graph, **kw)
         return {(graph.op(k).worker, s) for k, s in stage.items()
                 if graph.op(k).kind not in fusion.SOLO and graph.op(k).worker is not None}

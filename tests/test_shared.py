@@ -180,9 +180,92 @@ def test_the_direct_exchange_trains_alike_through_shared_memory(client):
     assert on == off
     for name, value in params_off.items():
         np.testing.assert_array_equal(params_on[name], value, err_msg=name)
-    # 3 tiles over MIN_BYTES a worker and step (two weights, one of them twice as big as
-    # the smallest segment fits): a fixed set, not one per step
-    assert 0 < len(made) <= 2 * 3 * 2 and none == []
+    # a fixed set, not one per step: per worker the step's five tiles of at least
+    # BELL_MIN_BYTES (three weight gradients, two biases), the block of rows of weights the
+    # second replica sent before it took up the first's copy (see
+    # test_replicas_of_a_weight_on_one_machine_share_one_copy), and one more where a tile
+    # came back to be posted before its segment was free
+    assert 0 < len(made) <= 2 * 7 and none == []
+
+
+def _kept_block(value, path):
+    from rapydli.graph.ops import pick
+
+    tile = shared.kept_tile(pick(value, path))
+    return None if tile is None else (tile.path, tile.offset, tile.shape)
+
+
+def test_replicas_of_a_weight_on_one_machine_share_one_copy(client):
+    """A sharded update (data parallel, a weight of at least SHARD_MIN_BYTES) between workers
+    that share memory: after a step or two every replica's weight is one array in shared
+    memory; the bits are those of every tile inside its message, and of the graph exchange,
+    whose replicas each update the whole weight, optimizer state included. The smaller
+    weights keep a copy each."""
+    net = _wide()  # 1.weight: 128 x 128 float32, 64 KiB, the one sharded
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
+    runs = {}
+    for name, exchange, flag in (("shared", "direct", True), ("message", "direct", False),
+                                 ("whole", "graph", True)):
+        engine, losses = _train(client, net, x, y, 5, exchange=exchange, shared_memory=flag)
+        assert engine.exchange == exchange
+        blocks = {}
+        for key, bound in engine.resident.items():
+            info = engine.resident_info[key]
+            if info[0] == "param":
+                blocks.setdefault(info[1], []).append(client.submit(
+                    _kept_block, bound.value, bound.path, pure=False,
+                    workers=[engine.workers[info[3]]]).result())
+        runs[name] = (losses, engine.get_params(), engine.get_opt_state(), blocks)
+        engine.close()
+    kept = runs["shared"][3]
+    (first, second) = kept.pop("1.weight")
+    assert first == second and first[1:] == (0, (128, 128))  # one file, the whole weight
+    assert all(b is None for bs in kept.values() for b in bs)
+    assert all(b is None for run in ("message", "whole") for bs in runs[run][3].values()
+               for b in bs)
+    losses, params, state, _ = runs["whole"]
+    assert state["velocity/1.weight"].shape == (128, 128)
+    for run in ("shared", "message"):
+        assert runs[run][0] == losses and runs[run][2].keys() == state.keys()
+        for name, value in [*params.items(), *state.items()]:
+            got = runs[run][1].get(name, runs[run][2].get(name))
+            np.testing.assert_array_equal(got, value, err_msg=f"{run}: {name}")
+    assert not os.path.exists(first[0])  # deleted with the engine
+
+
+def test_a_kept_array_and_blocks_of_rows_are_posted_without_a_copy(pool):
+    """As a doorbell message packs them (down to BELL_MIN_BYTES)."""
+    segments, mappings = pool
+    BELL = shared.BELL_MIN_BYTES
+    weight = _big()
+    kept = segments.keep(weight)
+    np.testing.assert_array_equal(kept, weight)
+    n = len(segments.segments)
+    tile = segments.pack(kept[32:96], BELL)  # a block of rows: a handle into the same file
+    assert not tile.held and tile.offset == 32 * 160 * 4 and len(segments.segments) == n
+    block = mappings.open(tile)  # in this process: the very memory of the kept array
+    assert block.ctypes.data == kept[32:96].ctypes.data
+    common = shared.whole(block, (128, 160), np.float32)
+    assert common.ctypes.data == kept.ctypes.data
+    assert shared.whole(block, (64, 160), np.float32) is None  # not the file's shape
+    assert shared.whole(_big(), (128, 160), np.float32) is None  # not in a kept file
+    assert segments.pack(kept[:, :8], min_bytes=0).path != tile.path  # columns: a copy
+    # a gradient computed in its segment: its first block of rows goes as a handle, a
+    # second block (to another peer) as a copy
+    grad = segments.allocate((128, 160), np.float32)
+    grad[...] = _big(1)
+    lower, upper = segments.pack(grad[64:], BELL), segments.pack(grad[:64], BELL)
+    assert lower.held and lower.offset == 64 * 160 * 4
+    assert upper.path != lower.path and upper.offset == 0
+    np.testing.assert_array_equal(mappings.open(lower), _big(1)[64:])
+    del block, common
+    gc.collect()
+    assert os.path.exists(tile.path) and shared._KEPT.get(tile.path) is not None
+    del kept  # the kept array goes: so does its file
+    gc.collect()
+    assert not os.path.exists(tile.path) and shared._KEPT.get(tile.path) is None
+    assert shared.kept_tile(np.zeros(1)) is None
 
 
 def _take(exchange: Exchange, key: str):

@@ -7,13 +7,16 @@ locally; a piece on another worker is cut there by a ``send`` op, so exactly its
 - forward, dense layer after a cut layer: the pieces are whole tiles (an all-gather);
 - forward, window layer cut by rows: the pieces from neighbours are the border rows (a halo);
 - backward: the same pieces flow back and are *summed* (``add=True``) into the producer's tile;
-- weight gradients: :func:`tree_reduce` sums partial gradients, locally first, then pairwise.
+- weight gradients: :func:`all_reduce` sums partial gradients onto every replica, or
+  :func:`reduce_scatter` sums each row block of them on the replica that updates those rows
+  (a sharded update); :func:`tree_reduce` sums them onto one worker.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rapydli.graph.ops import Ref, TileOp, assemble_task, identity_task, slice_task, sum_task
+from rapydli.graph.ops import (Ref, TileOp, assemble_task, identity_task, rows_task, slice_task,
+                               sum_task)
 from rapydli.graph.tiles import Region, intersect, nbytes
 
 
@@ -112,6 +115,52 @@ def all_reduce(graph, name: str, parts: list[tuple[Ref, int]], replicas, size: i
         key = f"{name}/sum@w{w}"
         graph.add_op(TileOp(key, "reduce", "comm", w, sum_task, refs, nbytes=size))
         sums[w] = Ref(key, (), size)
+    return sums
+
+
+def row_shards(region: Region, n: int) -> list[Region]:
+    """``region`` cut into ``n`` blocks of consecutive rows (its first axis), as even as they
+    can be, the first ones larger; a block of a C-ordered array is one contiguous run."""
+    (start, stop), rest = region[0], tuple(region[1:])
+    base, extra = divmod(stop - start, n)
+    shards, at = [], start
+    for i in range(n):
+        end = at + base + (i < extra)
+        shards.append(((at, end), *rest))
+        at = end
+    return shards
+
+
+def reduce_scatter(graph, name: str, parts: list[tuple[Ref, int]], region: Region,
+                   owners: list[int], itemsize: int) -> list[Ref]:
+    """Per owner, the sum of the partial values ``(ref, worker)`` of ``region`` over the rows
+    of its shard (:func:`row_shards`, the ``i``-th to ``owners[i]``), held there.
+
+    Each worker sends every other owner only that owner's rows of its partial; the owner adds
+    the rows in worker order, the order :func:`all_reduce` adds whole partials in, so each
+    row sums to the same bits either way.
+    """
+    level = _local_sums(graph, name, parts, nbytes(region, itemsize))
+    sums = []
+    for i, (owner, shard) in enumerate(zip(owners, row_shards(region, len(owners)))):
+        size = nbytes(shard, itemsize)
+        rows = []
+        for ref, src in level:
+            if src != owner:
+                rows.append(send(graph, f"{name}/w{src}to{owner}", Source(ref, region, src),
+                                 shard, itemsize))
+                continue
+            key = f"{name}/rows{i}@w{owner}"
+            graph.add_op(TileOp(key, "slice", "comm", owner, rows_task, (ref,),
+                                dict(start=shard[0][0] - region[0][0],
+                                     stop=shard[0][1] - region[0][0]), nbytes=size))
+            rows.append(Ref(key, (), size))
+        if len(rows) == 1:
+            sums.append(rows[0])
+            continue
+        key = f"{name}/sum{i}@w{owner}"
+        graph.add_op(TileOp(key, "reduce", "comm", owner, sum_task, tuple(rows), nbytes=size))
+        sums.append(Ref(key, (), size))
     return sums
 
 

@@ -3,8 +3,10 @@
 Each layer's output is cut into tiles by its tiling; a tile is computed on the worker of its
 mesh coordinate from the input region it needs, which :func:`~rapydli.graph.comm.redistribute`
 brings together (gather, halo exchange). Backward mirrors forward, pieces summed. Weight tiles
-are resident on every worker that computes with them; their partial gradients are
-tree-reduced and each replica applies the same update, so replicas never diverge.
+are resident on every worker that computes with them; their partial gradients are summed and
+each replica applies the same update, so replicas never diverge; a large replicated tile is
+updated sharded instead, each replica summing and updating a block of its rows and sending
+the others the result (:meth:`_Lowering.sharded_update`).
 
 >>> from rapydli import SGD, Sequential, Dense, data_parallel
 >>> net = Sequential([Dense(4, activation="relu"), Dense(3)], input_shape=(5,))
@@ -21,12 +23,17 @@ import numpy as np
 
 from rapydli.errors import ShapeError
 from rapydli.graph import ops
-from rapydli.graph.comm import Source, all_reduce, forward_value, redistribute, tree_reduce
+from rapydli.graph.comm import (DIRECT_ALLREDUCE_MAX, Source, all_reduce, forward_value,
+                                redistribute, reduce_scatter, row_shards, tree_reduce)
 from rapydli.graph.ops import Ref, TileOp
 from rapydli.graph.tiles import Region, nbytes, shape_of, tile_grid
 from rapydli.layers import AXES
 
 MODES = ("train", "grad", "eval", "predict")
+
+#: weight tiles of at least this many bytes update sharded across their replicas (smaller ones:
+#: every replica updates the whole tile, which costs less than the messages of a sharded one)
+SHARD_MIN_BYTES = 1 << 16
 
 
 class TileGraph(nx.DiGraph):
@@ -66,11 +73,24 @@ class TileGraph(nx.DiGraph):
             assert self.op(u).kind == "send", f"{u} -> {v} crosses workers without a send op"
         for key, op in self.nodes(data="op"):
             assert op is not None, f"edge to unknown op {key}"
+        placeholders = self.graph.get("placeholders", {})
         for op in self.ops(kind="update"):  # in-place updates: nothing reads the old values after
             for ref in (op.inputs[0], *op.inputs[2:]):
                 for reader in self.successors(ref.key):
                     assert reader == op.key or nx.has_path(self, reader, op.key), \
                         f"{reader} reads {ref.key} but may run after its in-place update {op.key}"
+            view = self.op(op.inputs[0].key)
+            if view.fn is not ops.rows_task:
+                continue
+            # a sharded update writes rows of a weight that every replica's copy may be (the
+            # replicas on one machine share one): each replica reads its copy before it, or
+            # only to pass it on (views, the blocks put in place after it)
+            info = placeholders.get(view.inputs[0].key)
+            for key in [k for k, i in placeholders.items() if i[:3] == info[:3]]:
+                for reader in self.successors(key):
+                    assert self.op(reader).fn in (ops.rows_task, ops.place_task) or \
+                        nx.has_path(self, reader, op.key), \
+                        f"{reader} reads {key} but may run after the sharded update {op.key}"
 
 
 @dataclass
@@ -92,6 +112,7 @@ class _Lowering:
     mode: str
     optimizer: object
     dtype: np.dtype
+    shard_updates: bool = True
     graph: TileGraph = field(default_factory=TileGraph)
     placeholders: dict = field(default_factory=dict)
     replicas: dict = field(default_factory=dict)  # (param key, region) -> set of workers
@@ -347,6 +368,9 @@ class _Lowering:
                 grads_out.setdefault(pkey, []).append((region, out))
                 continue
             replicas = sorted(self.replicas[(pkey, region)])
+            if self.sharded(region, parts, replicas):
+                self.sharded_update(pkey, region, parts, replicas, name, new_values)
+                continue
             sums = all_reduce(self.graph, name, parts, replicas, size)
             for worker in replicas:
                 g = sums[worker]
@@ -363,6 +387,61 @@ class _Lowering:
                     new_values[s.key] = Ref(key, (1 + k,), size)
         self.outputs["grads"] = grads_out
         self.outputs["new_values"] = {**new_values, **self.fused_values}
+
+    def sharded(self, region: Region, parts: list, replicas: list[int]) -> bool:
+        """Whether the replicas of a weight tile update it sharded (:meth:`sharded_update`):
+        it is at least :data:`SHARD_MIN_BYTES`, has a row for each of its (at most
+        :data:`~rapydli.graph.comm.DIRECT_ALLREDUCE_MAX`) replicas, and its partial
+        gradients are made on those replicas (data parallel)."""
+        rows = region[0][1] - region[0][0]
+        return (self.shard_updates and 1 < len(replicas) <= DIRECT_ALLREDUCE_MAX and rows >= len(replicas)
+                and nbytes(region, self.itemsize) >= SHARD_MIN_BYTES
+                and {w for _, w in parts} == set(replicas))
+
+    def sharded_update(self, pkey: str, region: Region, parts: list, replicas: list[int],
+                       name: str, new_values: dict) -> None:
+        """Each replica sums and updates one block of rows of the weight tile and sends the
+        others its updated rows (a reduce-scatter, then an all-gather).
+
+        Against every replica summing whole gradients and updating the whole tile, each does
+        1/n of the update's memory traffic, keeps the optimizer state of its rows only, and
+        receives the same bytes (other replicas' rows of weights instead of whole gradients);
+        the numbers are the same bits, row by row. Replicas on one machine go further and
+        share one copy of the weights (see :func:`rapydli.graph.ops.place_task`).
+        """
+        slots = self.optimizer.slots
+        shards = row_shards(region, len(replicas))
+        sums = reduce_scatter(self.graph, name, parts, region, replicas, self.itemsize)
+        top = region[0][0]
+        rows = tuple((shard[0][0] - top, shard[0][1] - top) for shard in shards)
+        updated = []
+        for owner, shard, g, (start, stop) in zip(replicas, shards, sums, rows):
+            size = nbytes(shard, self.itemsize)
+            weight = self.param_ref(pkey, region, owner)
+            view = f"{pkey}/rows/{_tag(shard)}/w{owner}"
+            self.graph.add_op(TileOp(view, "slice", "update", owner, ops.rows_task, (weight,),
+                                     dict(start=start, stop=stop), nbytes=size))
+            state = tuple(self.state_ref(pkey, s, shard, owner) for s in slots)
+            key = f"{pkey}/update/{_tag(shard)}/w{owner}"
+            self.graph.add_op(TileOp(
+                key, "update", "update", owner, ops.update_task, (Ref(view, (), size), g, *state),
+                dict(optimizer=self.optimizer, slots=slots, inplace=True), pkey.split(".")[0],
+                shape_of(shard), size, 4 * int(np.prod(shape_of(shard)))))
+            for k, s in enumerate(state):
+                new_values[s.key] = Ref(key, (1 + k,), size)
+            updated.append((Ref(key, (0,), size), owner, size))
+        for worker in replicas:
+            weight = self.param_ref(pkey, region, worker)
+            blocks = tuple(ref if owner == worker else forward_value(
+                self.graph, f"{pkey}/rows/{_tag(shard)}/w{owner}to{worker}", ref, owner, size)
+                for shard, (ref, owner, size) in zip(shards, updated))
+            key = f"{pkey}/place/{_tag(region)}/w{worker}"
+            size = nbytes(region, self.itemsize)
+            self.graph.add_op(TileOp(key, "place", "update", worker, ops.place_task,
+                                     (weight, *blocks), dict(rows=rows, first=worker == replicas[0]),
+                                     pkey.split(".")[0],
+                                     shape_of(region), size))
+            new_values[weight.key] = Ref(key, (), size)
 
     def predictions(self, last_tiles: list[_Tile]) -> None:
         outs = []
@@ -399,11 +478,15 @@ def _tag(region: Region) -> str:
 
 
 def lower(network, placement, batch: int, mode: str = "train", optimizer=None,
-          dtype="float32") -> TileGraph:
+          dtype="float32", shard_updates: bool = True) -> TileGraph:
     """Lower one step of ``network`` under ``placement`` for a batch of ``batch`` samples.
 
     ``mode``: ``"train"`` (forward, loss, backward, gradient reduction, update), ``"grad"``
     (up to reduced gradients), ``"eval"`` (forward and loss) or ``"predict"`` (forward).
+    ``shard_updates``: replicated weight tiles update sharded across their replicas (see
+    :meth:`_Lowering.sharded_update`); False: each replica updates its whole tile, one round
+    of messages a step instead of two (what a graph exchange, where each round is Dask tasks,
+    wants).
     """
     from rapydli.placement import single
 
@@ -415,4 +498,5 @@ def lower(network, placement, batch: int, mode: str = "train", optimizer=None,
         raise ValueError("mode='train' needs an optimizer")
     placement = placement or single()
     placement.check_layers([layer.name for layer in network.layers])
-    return _Lowering(network, placement, int(batch), mode, optimizer, np.dtype(dtype)).run()
+    return _Lowering(network, placement, int(batch), mode, optimizer, np.dtype(dtype),
+                     shard_updates).run()

@@ -131,6 +131,54 @@ def slice_task(value, *, piece: Region, held: Region):
     return get_array_module(value).ascontiguousarray(value[relative(piece, held)])
 
 
+def rows_task(value, *, start: int, stop: int):
+    """Rows ``start:stop`` of ``value``, a view: an update through it writes into ``value``."""
+    return value[start:stop]
+
+
+def place_task(weight, *shards, rows: tuple[tuple[int, int], ...], first: bool = False):
+    """``weight`` with row block ``rows[i]`` set to ``shards[i]`` (each replica's updated rows
+    of a sharded update), in place; a block already there (the same memory) is left alone.
+
+    Where the running task posts through shared memory, the replicas of a weight on one
+    machine come to share one copy of it: the ``first`` replica moves its copy into shared
+    memory (:meth:`~rapydli.scheduler.mailbox.Exchange.keep`) and returns that, so the rows
+    it posts from then on are handles into it; a replica that receives such a block adopts
+    that copy (:meth:`~rapydli.scheduler.mailbox.Exchange.whole`), writing its own rows into
+    it. From then on each replica updates its rows where all of them read, and no block is
+    copied. Nothing races: a replica writes its rows of the next step only once every other
+    replica's gradient of that step has come, that is once they all read the weight for the
+    last time in it; and adopting writes rows that hold the same bits.
+    """
+    exchange = getattr(_posting, "exchange", None)
+    share = exchange is not None and isinstance(weight, np.ndarray)
+    if share and not first and not exchange.kept(weight):
+        for (start, stop), shard in zip(rows, shards):
+            common = exchange.whole(shard, weight.shape, weight.dtype)
+            if common is not None and _same_memory(common[start:stop], shard):
+                weight = common
+                break
+    for (start, stop), shard in zip(rows, shards):
+        block = weight[start:stop]
+        if not _same_memory(block, shard):
+            block[...] = shard
+    if share and first and not exchange.kept(weight):
+        kept = exchange.keep(weight)
+        if kept is not None:
+            weight = kept
+    return weight
+
+
+def _same_memory(a, b) -> bool:
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+            and _address(a) == _address(b))
+
+
+def _address(array) -> int:
+    interface = getattr(array, "__cuda_array_interface__", None) or array.__array_interface__
+    return interface["data"][0]
+
+
 def identity_task(value):
     return value
 
@@ -261,11 +309,12 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -
     (``_posting.allocate``; :func:`backward_params_task` does).
     """
     _posting.allocate = getattr(exchange, "allocate", None)
+    _posting.exchange = exchange
     try:
         return _run(program, keep, values, exchange, drop_plan(program, keep) if drops is None
                     else drops)
     finally:
-        _posting.allocate = None
+        _posting.allocate = _posting.exchange = None
 
 
 def _run(program: tuple, keep: tuple, values: tuple, exchange, drops: tuple) -> dict:

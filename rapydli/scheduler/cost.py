@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rapydli.errors import ConfigError, PlacementError, RapydliError
+from rapydli.graph import ops
 from rapydli.graph.fuse import mail_sends
 from rapydli.graph.tiles import shape_of
 from rapydli.scheduler.calibrate import calibrate_local, measure_device, step_rate
@@ -177,6 +178,10 @@ def op_seconds(graph, key: str, device: Device, overhead: Overhead) -> float:
     gradient (the first layer) does half the FLOPs its graph node states.
     """
     op = graph.op(key)
+    if op.fn in (ops.rows_task, ops.place_task):
+        # a view; rows put in place: on one machine the replicas share the weight and copy
+        # nothing, between machines the copy is charged with the receiving (replay)
+        return overhead.per_op
     flops = op.flops
     if op.kind == "backward" and not op.kwargs.get("need_dx", True):
         flops //= 2  # only the weight gradient: one product instead of two

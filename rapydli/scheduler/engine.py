@@ -138,7 +138,7 @@ class Engine:
         key = (int(batch), mode, int(steps))
         if key not in self.plans:
             graph = lower(self.network, self.placement, int(batch), mode, self.optimizer,
-                          self.dtype)
+                          self.dtype, shard_updates=self.exchange == "direct")
             if steps > 1:
                 graph = unroll(graph, steps)
             self.plans[key] = StepPlan(graph, fused=self.fused,

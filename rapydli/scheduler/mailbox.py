@@ -32,7 +32,8 @@ import numpy as np
 from rapydli.errors import RapydliError
 from rapydli.graph.ops import aligned
 from rapydli.scheduler.shared import (BELL_MIN_BYTES, MIN_BYTES, Bell, Mappings, Segments,
-                                      SharedTile, close_shared, make_probe, remove_files)
+                                      SharedTile, close_shared, kept_tile, make_probe,
+                                      remove_files, whole)
 
 #: seconds a take waits for a tile before giving up (a step that computes this long between
 #: two exchanges is far beyond anything the engine plans)
@@ -241,12 +242,35 @@ class Exchange:
         """An empty array in this worker's shared memory for a tile about to be posted to
         peers on this machine, computed in place so that posting it copies nothing; None
         where tiles do not go through shared memory (then the kernel allocates as usual)."""
+        mine = self._sharing()
+        return None if mine is None else mine.segments.allocate(shape, dtype)
+
+    def keep(self, array) -> np.ndarray | None:
+        """``array`` copied into shared memory that peers on this machine can open and use
+        as their own (:meth:`rapydli.scheduler.shared.Segments.keep`); None where tiles do not
+        go through shared memory."""
+        mine = self._sharing()
+        return None if mine is None else mine.segments.keep(array)
+
+    @staticmethod
+    def kept(array) -> bool:
+        """Whether ``array`` lies in shared memory made by :meth:`keep` (here or by a peer)."""
+        return isinstance(array, np.ndarray) and kept_tile(array) is not None
+
+    @staticmethod
+    def whole(part, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+        """The kept array of ``shape`` and ``dtype`` that ``part`` (a tile a peer posted)
+        is a block of, as this process maps it; None if it is no such block."""
+        return whole(part, shape, dtype)
+
+    def _sharing(self):
+        """This worker's mailbox, where some peer shares its memory; else None."""
         mine = Mailbox._here.get(self.boxes[self.me][2]) if self.shared and self.me >= 0 \
             else None
         if mine is None or not any(mine.segments.shares_with(box[2])
                                    for i, box in enumerate(self.boxes) if i != self.me):
             return None
-        return mine.segments.allocate(shape, dtype)
+        return mine
 
     def take(self, key: str):
         """The output of op ``key`` that another mesh worker posted here for this step."""

@@ -132,15 +132,27 @@ def shared_memory(cluster: ClusterSpec, src: int, dest: int, nbytes: int) -> boo
 
 
 def computed_in_place(graph, send: str) -> bool:
-    """Whether the engine computes the tile of mail send ``send`` straight into shared memory,
-    so that posting it copies nothing (:meth:`rapydli.scheduler.mailbox.Exchange.allocate`):
-    a parameter gradient the layer's kernel writes into given memory
-    (``Layer.gradients_in_place``), sent whole from a backward op whose gradients go to sums."""
+    """Whether the engine posts the tile of mail send ``send`` to a peer on its machine without
+    copying it into shared memory: a parameter gradient the layer's kernel writes straight
+    into shared memory (``Layer.gradients_in_place``; :meth:`rapydli.scheduler.mailbox.
+    Exchange.allocate`), sent whole from a backward op whose gradients go to sums, or a block
+    of its rows (the first such block: a segment holds one posted tile); or the rows a
+    sharded update wrote, which are a block of the weight the replicas of one machine share
+    (:func:`rapydli.graph.ops.place_task`; from the second step on)."""
     op = graph.op(send)
-    if op.fn is not ops.identity_task or not op.inputs:
+    if op.fn not in (ops.identity_task, ops.slice_task) or not op.inputs:
         return False
     ref = op.inputs[0]
     src = graph.op(ref.key)
+    if src.fn is ops.update_task and src.inputs and \
+            graph.op(src.inputs[0].key).fn is ops.rows_task:
+        return op.fn is ops.identity_task
+    if op.fn is ops.slice_task:
+        piece, held = op.kwargs["piece"], op.kwargs["held"]
+        blocks = sorted(s for s in graph.successors(ref.key) if graph.op(s).fn is ops.slice_task
+                        and graph.op(s).inputs[0] == ref)
+        if piece[1:] != held[1:] or blocks[0] != send:
+            return False
     if src.fn is ops.backward_params_task:
         pick = ref.pick
     elif src.fn is ops.backward_task and src.kwargs.get("posted"):

@@ -34,6 +34,14 @@ copying a tile in as it posts it, or, for a gradient a kernel computes straight 
 segment (:meth:`Segments.allocate`), before; posting that one copies nothing. Only a receiver
 clears byte 0, and only the sender's array going clears byte 1.
 
+A *kept* array (:meth:`Segments.keep`) is a file of its own that is not recycled: the first
+replica of a weight updated sharded (:meth:`rapydli.graph.lower._Lowering.sharded_update`)
+moves its copy there, and the other replicas on the machine take that copy up as theirs
+(:func:`rapydli.graph.ops.place_task`); a block of rows of it is posted as a handle
+(``SharedTile.held`` False, with its ``offset``), and the receiver finds it in the memory it
+already computes with. The file goes when the first replica's array does, or with its mailbox.
+Where shared memory cannot be had, every replica keeps its own copy and blocks are copied.
+
 Segments are deleted when their mailboxes close, and a mailbox closing with its engine
 deletes its peers' files on this machine too, so that a worker that was killed leaves nothing
 behind once the engine closes. A machine whose workers are all killed, and whose engines never
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import itertools
 import mmap
 import os
 import pickle
@@ -73,11 +82,17 @@ _LENGTH = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class SharedTile:
-    """What travels in place of a tile put in a segment: where it is and what it is."""
+    """What travels in place of a tile put in a segment: where it is and what it is.
+
+    ``offset``: bytes from the start of the segment's data to the tile (a block of rows of a
+    gradient, say). ``held``: the segment's byte 0 says whether its tile is in use (False for
+    a *kept* array, see :meth:`Segments.keep`, which lives as long as its owners use it)."""
 
     path: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int = 0
+    held: bool = True
 
 
 def probe_path(name: str) -> str:
@@ -142,6 +157,9 @@ class Segments:
         self._bells: dict[str, int] = {}
         #: segments by the address of their tile, for arrays allocate handed out
         self._in_place: dict[int, tuple] = {}
+        #: mappings of the files of kept arrays (see keep), by path
+        self._kept: dict[str, mmap.mmap] = {}
+        self._files = itertools.count()  # numbers the files made, segments and kept alike
         self._lock = threading.Lock()
 
     def shares_with(self, name: str) -> bool:
@@ -161,6 +179,9 @@ class Segments:
         (not an array of at least ``min_bytes``, or no segment to be had)."""
         if not isinstance(value, np.ndarray) or value.nbytes < min_bytes or value.dtype.hasobject:
             return None
+        tile = kept_tile(value)
+        if tile is not None:
+            return tile
         with self._lock:
             tile = self._computed_here(value)
             if tile is not None:
@@ -192,16 +213,50 @@ class Segments:
         return array
 
     def _computed_here(self, value: np.ndarray) -> SharedTile | None:
-        """The handle of ``value`` if it is an array :meth:`allocate` handed out, whole and
-        not yet posted (holding the lock)."""
-        segment = self._in_place.get(value.ctypes.data)
-        if segment is None or not value.flags.c_contiguous:
+        """The handle of ``value`` if it is an array :meth:`allocate` handed out, or a
+        contiguous part of one (a block of its rows), not yet posted (holding the lock)."""
+        if not value.flags.c_contiguous:
             return None
+        address = value.ctypes.data
+        segment, offset = self._in_place.get(address), 0
+        if segment is None:  # a part: look for the array it is in
+            for start, candidate in self._in_place.items():
+                if start < address < start + candidate[2]:
+                    segment, offset = candidate, address - start
+                    break
+            else:
+                return None
         path, mapping, capacity = segment
-        if mapping[1] != 1 or mapping[0] != 0 or value.nbytes > capacity:
+        if mapping[1] != 1 or mapping[0] != 0 or offset + value.nbytes > capacity:
             return None  # its array is gone (a new one at the same place), or posted already
         mapping[0] = 1
-        return SharedTile(path, value.shape, value.dtype.str)
+        return SharedTile(path, value.shape, value.dtype.str, offset)
+
+    def keep(self, array: np.ndarray) -> np.ndarray | None:
+        """A copy of ``array`` in a file of its own in shared memory; None where none can be
+        made. Posting a block of it (:meth:`pack`) copies nothing, and a peer that opens it
+        reads and writes this same memory (see :func:`rapydli.graph.ops.place_task`: the
+        replicas of a weight on one machine keep one copy). The file goes when the copy (the
+        array returned, not its views) does, or with :meth:`close`. Kept arrays count against
+        no limit: each replaces an array of the same size in the worker's own memory."""
+        if not isinstance(array, np.ndarray) or array.dtype.hasobject or array.nbytes == 0:
+            return None
+        with self._lock:
+            made = None if self.closed else self._new_file(array.nbytes)
+            if made is None:
+                return None
+            self._kept[made[0]] = made[1]
+        copy = np.ndarray(array.shape, array.dtype, made[1], HEADER)
+        copy[...] = array
+        _KEPT.add(*made)
+        weakref.finalize(copy, self._drop_kept, made[0])
+        return copy
+
+    def _drop_kept(self, path: str) -> None:
+        with self._lock:
+            mapping = self._kept.pop(path, None)
+        if mapping is not None:
+            _forget_file(path, mapping)
 
     def _segment_for(self, nbytes: int):
         """The smallest free segment that holds ``nbytes`` (at most twice as big), else a new
@@ -213,22 +268,29 @@ class Segments:
             return min(fits, key=lambda s: s[2])
         if self.held + capacity > self.limit:
             return None
-        path = os.path.join(SHM_DIR, f"{self.name}-{len(self.segments)}")
+        made = self._new_file(capacity)
+        if made is None:
+            return None
+        self.segments.append((*made, capacity))
+        self.held += capacity
+        return self.segments[-1]
+
+    def _new_file(self, nbytes: int) -> tuple[str, mmap.mmap] | None:
+        """A new file of :data:`HEADER` + ``nbytes`` bytes, mapped; None where the machine's
+        shared memory has no room for it."""
+        path = os.path.join(SHM_DIR, f"{self.name}-{next(self._files)}")
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError:
             return None
         try:
-            os.posix_fallocate(fd, 0, HEADER + capacity)  # ENOSPC here, not SIGBUS on writing
-            mapping = mmap.mmap(fd, HEADER + capacity)
+            os.posix_fallocate(fd, 0, HEADER + nbytes)  # ENOSPC here, not SIGBUS on writing
+            return path, mmap.mmap(fd, HEADER + nbytes)
         except OSError:
             _remove(path)
             return None
         finally:
             os.close(fd)
-        self.segments.append((path, mapping, capacity))
-        self.held += capacity
-        return self.segments[-1]
 
     def ring(self, name: str, message) -> bool:
         """Write ``message`` (picklable) to the doorbell of mailbox ``name`` on this machine;
@@ -269,7 +331,10 @@ class Segments:
                     mapping.close()
                 except BufferError:  # an array still views it: it goes with that array
                     pass
+            for path, mapping in self._kept.items():
+                _forget_file(path, mapping)
             self.segments.clear()
+            self._kept.clear()
             self._in_place.clear()
             self.held = 0
 
@@ -279,36 +344,45 @@ class Mappings:
 
     def __init__(self):
         self.maps: dict[str, mmap.mmap] = {}
+        #: files of kept arrays opened here (mapped while arrays view them, see open)
+        self.kept: set[str] = set()
         self._lock = threading.Lock()
 
     def _map(self, path: str) -> mmap.mmap:
         with self._lock:
             mapping = self.maps.get(path)
             if mapping is None:
-                fd = os.open(path, os.O_RDWR)
-                try:
-                    mapping = self.maps[path] = mmap.mmap(fd, 0)
-                finally:
-                    os.close(fd)
+                mapping = self.maps[path] = _open_file(path)
             return mapping
 
     def open(self, tile: SharedTile) -> np.ndarray:
         """The tile, read in place; its segment is freed once the array (and every view of
-        it) is gone."""
+        it) is gone. A tile of a kept array is a view into the one mapping of that array's
+        file in this process (see :func:`whole`), which lasts while arrays view it."""
+        if not tile.held:
+            with self._lock:
+                mapping = _KEPT.get(tile.path)
+                if mapping is None:
+                    mapping = _open_file(tile.path)
+                    _KEPT.add(tile.path, mapping)
+                    self.kept.add(tile.path)
+            return np.ndarray(tile.shape, np.dtype(tile.dtype), mapping, HEADER + tile.offset)
         mapping = self._map(tile.path)
-        array = np.ndarray(tile.shape, np.dtype(tile.dtype), mapping, HEADER)
+        array = np.ndarray(tile.shape, np.dtype(tile.dtype), mapping, HEADER + tile.offset)
         weakref.finalize(array, _let_go, mapping, 0)
         return array
 
     def release(self, tile: SharedTile) -> None:
         """Free the segment of a tile that will not be read (its step failed)."""
+        if not tile.held:
+            return
         try:
             self._map(tile.path)[0] = 0
         except (OSError, ValueError):  # deleted or closed already: nothing to free
             pass
 
     def close(self) -> None:
-        """Let go of every mapping and delete the segments seen (their sender may be gone)."""
+        """Let go of every mapping and delete the files seen (their sender may be gone)."""
         with self._lock:
             for path, mapping in self.maps.items():
                 _remove(path)
@@ -316,7 +390,95 @@ class Mappings:
                     mapping.close()
                 except BufferError:
                     pass
+            for path in self.kept:
+                _KEPT.forget(path)
+                _remove(path)
             self.maps.clear()
+            self.kept.clear()
+
+
+def _open_file(path: str) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _forget_file(path: str, mapping: mmap.mmap) -> None:
+    """A kept array's file goes: from the registry, from the directory, and unmapped once no
+    array views it any more."""
+    _KEPT.forget(path)
+    _remove(path)
+    try:
+        mapping.close()
+    except BufferError:  # an array still views it: it goes with that array
+        pass
+
+
+class _Kept:
+    """This process's mappings of kept arrays' files (:meth:`Segments.keep`), by path and by
+    the address range of their data, for as long as they live: a view into one is posted as
+    a handle, not copied."""
+
+    def __init__(self):
+        self._by_path: dict[str, weakref.ref] = {}
+        self._ranges: dict[int, tuple[int, str]] = {}  # data address -> (bytes, path)
+        self._lock = threading.RLock()  # a mapping's death (forget) may come inside find
+
+    def add(self, path: str, mapping: mmap.mmap) -> None:
+        start = np.frombuffer(mapping, np.uint8, 1, HEADER).ctypes.data
+        with self._lock:
+            self._by_path[path] = weakref.ref(mapping, lambda _, p=path: self.forget(p))
+            self._ranges[start] = (len(mapping) - HEADER, path)
+
+    def get(self, path: str) -> mmap.mmap | None:
+        ref = self._by_path.get(path)
+        return None if ref is None else ref()
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._by_path.pop(path, None)
+            for start, (_, p) in list(self._ranges.items()):
+                if p == path:
+                    del self._ranges[start]
+
+    def find(self, array: np.ndarray) -> tuple[str, int] | None:
+        """``(path, offset)`` of the kept file ``array`` lies in, else None."""
+        if not self._ranges:
+            return None
+        address, nbytes = array.ctypes.data, array.nbytes
+        with self._lock:
+            for start, (size, path) in self._ranges.items():
+                if start <= address and address + nbytes <= start + size:
+                    return path, address - start
+        return None
+
+
+_KEPT = _Kept()
+
+
+def kept_tile(value: np.ndarray) -> SharedTile | None:
+    """The handle of ``value`` if it is a contiguous part of a kept array's file."""
+    if not value.flags.c_contiguous:
+        return None
+    found = _KEPT.find(value)
+    if found is None:
+        return None
+    return SharedTile(found[0], value.shape, value.dtype.str, found[1], held=False)
+
+
+def whole(part, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    """The array of ``shape`` and ``dtype`` that fills the kept file ``part`` lies in (this
+    process's mapping of it), else None: a replica adopts the first replica's copy so."""
+    if not isinstance(part, np.ndarray):
+        return None
+    found = _KEPT.find(part)
+    mapping = _KEPT.get(found[0]) if found else None
+    dtype = np.dtype(dtype)
+    if mapping is None or len(mapping) != HEADER + int(np.prod(shape)) * dtype.itemsize:
+        return None
+    return np.ndarray(shape, dtype, mapping, HEADER)
 
 
 def _let_go(mapping: mmap.mmap, holder: int) -> None:
