@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rapydli.scheduler.cluster import WORKER_CONFIG, local_client, worker_environ
+from rapydli.scheduler.cluster import CLUSTER_CONFIG, local_client, worker_environ
 
 
 def _profiling(dask_worker) -> tuple[bool, bool]:
@@ -15,6 +15,12 @@ def _profiling(dask_worker) -> tuple[bool, bool]:
 
     return (dask.config.get("distributed.worker.profile.enabled"),
             "profile" in dask_worker.periodic_callbacks)
+
+
+def _wake_ups(dask_worker=None, dask_scheduler=None) -> dict[str, float]:
+    """Milliseconds between the wake-ups of a server's periodic callbacks, by name."""
+    server = dask_worker or dask_scheduler
+    return {name: pc.callback_time for name, pc in server.periodic_callbacks.items()}
 
 
 def _start_environ() -> dict[str, str]:
@@ -41,9 +47,15 @@ def test_workers_start_with_malloc_thread_and_profiler_settings_the_client_keeps
         # Dask's stack-sampling profiler is off in the workers, and only there
         import dask
 
-        assert WORKER_CONFIG == {"distributed.worker.profile.enabled": False}
+        assert CLUSTER_CONFIG["distributed.worker.profile.enabled"] is False
         assert list(client.run(_profiling).values()) == [(False, False)]
         assert dask.config.get("distributed.worker.profile.enabled") is True
+        # the servers wake up less often than Dask's defaults have them (see CLUSTER_CONFIG)
+        (worker,) = client.run(_wake_ups).values()
+        scheduler = client.run_on_scheduler(_wake_ups)
+        assert worker["tick"] == scheduler["tick"] == 200 and worker["monitor"] == 1000
+        assert worker["memory_monitor"] == 250
+        assert dask.config.get("distributed.admin.tick.interval") == "20ms"  # here, as it was
     finally:
         cluster = client.cluster
         client.close()
