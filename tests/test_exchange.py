@@ -191,6 +191,30 @@ def test_direct_and_graph_exchanges_train_bitwise_alike(client, placement):
     assert_same_as_single(params["direct"], single.get_params(), "float64")
 
 
+@pytest.mark.parametrize("placement", ["dp2", "dp3", "hy31", "mixed3"])
+def test_sharded_updates_train_bitwise_like_whole_ones(client, placement):
+    """Weights of 64 KiB or more: the direct exchange updates them sharded across their
+    replicas (blocks of rows), the graph exchange whole on every replica; same bits."""
+    net = rd.Sequential([rd.Dense(128, activation="relu"), rd.Dense(96, activation="tanh"),
+                         rd.Dense(10)], input_shape=(80,))  # 80 and 96 KiB in float64
+    x, y = data(net, 24, "float64")
+    params, states = {}, {}
+    for exchange in ("direct", "graph"):
+        engine = Engine(net, PLACEMENTS[placement](net), OPTIMIZER, client, "float64",
+                        exchange=exchange)
+        placed = engine.plan(12, "train").graph.ops(kind="place")
+        assert bool(placed) == (exchange == "direct")
+        engine.set_params(net.init(0))
+        engine.set_data("train", x, y)
+        for step in range(3):
+            engine.run("train", np.arange(step * 8, step * 8 + 12) % 24)
+        params[exchange], states[exchange] = engine.get_params(), engine.get_opt_state()
+        engine.close()
+    for name, value in [*params["graph"].items(), *states["graph"].items()]:
+        got = params["direct"].get(name, states["direct"].get(name))
+        np.testing.assert_array_equal(got, value, err_msg=name)
+
+
 def test_exchange_is_chosen_and_checked(client):
     net = _mlp()
     assert Engine(net, rd.data_parallel(2), OPTIMIZER, client).exchange == "direct"
