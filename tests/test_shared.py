@@ -353,9 +353,9 @@ def test_tiles_only_sums_read_wait_for_the_next_message(client, shared_memory):
 
 @pytest.mark.slow
 def test_worker_processes_share_memory_and_leave_none_behind(process_client):
-    """Two worker processes: gradients travel through segments mapped by both, training is
-    bitwise what it is with every tile inside its message, and closing the engine deletes
-    every file it made."""
+    """Two worker processes: gradients travel through segments mapped by both, the weight
+    updated sharded is one copy both compute with, training is bitwise what it is with every
+    tile inside its message, and closing the engine deletes every file it made."""
     net = _wide()
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((256, 96)).astype(np.float32), rng.integers(0, 10, 256)
@@ -370,8 +370,14 @@ def test_worker_processes_share_memory_and_leave_none_behind(process_client):
                           for p, _, _ in b.segments.segments)
 
         made = [p for paths in process_client.run(held).values() for p in paths]
+        kept = [process_client.submit(_kept_block, bound.value, bound.path, pure=False,
+                                      workers=[engine.workers[info[3]]]).result()
+                for key, bound in engine.resident.items()
+                if (info := engine.resident_info[key])[:2] == ("param", "1.weight")]
         runs[flag] = (losses, engine.get_params(), made)
         engine.close()
+        # the sharded weight: one copy in shared memory for both processes, or one each
+        assert len(kept) == 2 and (kept[0] == kept[1] is not None if flag else kept == [None] * 2)
     (on, params_on, made), (off, params_off, none) = runs[True], runs[False]
     assert made and none == []
     assert on == off
