@@ -555,3 +555,32 @@ def test_weight_gradients_computed_in_shared_memory_cost_no_copy():
     assert in_place(cnn) == {"2.weight", "3.weight", "4.weight"}  # split backward passes
     mlp = rd.Sequential([rd.Dense(64, activation="relu"), rd.Dense(10)], input_shape=(300,))
     assert in_place(mlp) == {"0.weight", "1.weight"}  # the first layer's is not split
+
+
+def test_a_sharded_update_costs_no_copy_between_replicas_of_one_machine():
+    """Data parallel, a weight updated sharded: a block of rows of a dense weight gradient made
+    in shared memory and the updated rows of the weight the replicas share are posted without a
+    copy; the views and the rows put in place cost only their op; between machines the rows
+    cost their bytes at the link's bandwidth."""
+    from rapydli.graph import ops
+    from rapydli.scheduler.cost import op_seconds
+    from rapydli.scheduler.replay import computed_in_place
+
+    net = rd.Sequential([rd.Dense(256, activation="relu"), rd.Dense(10)], input_shape=(300,))
+    graph = lower(net, rd.data_parallel(2), 32, "train", rd.SGD(momentum=0.9))
+    grads = [k for k in graph.nodes if k.startswith("0.weight/grad/") and "/w" in k
+             and graph.op(k).kind == "send"]
+    rows = [k for k in graph.nodes if k.startswith("0.weight/rows/") and "to" in k]
+    assert len(grads) == len(rows) == 2
+    assert all(computed_in_place(graph, k) for k in grads + rows)
+    one_node = dataclasses.replace(cluster(devices=2, flops=1e9, bandwidth=1e9, per_op=1e-6),
+                                   device=Device(1e9, 1e9, memory_bandwidth=1e6, kind="cpu"),
+                                   node_flops=2e9)
+    two_nodes = dataclasses.replace(one_node, nodes=2, devices_per_node=1)
+    for key in rows:
+        op = graph.op(key)
+        assert posting_time(graph, one_node, [key], op.worker) == 0.0
+        assert posting_time(graph, two_nodes, [key], op.worker) == pytest.approx(op.nbytes / 1e9)
+    free = [k for k in graph.nodes if graph.op(k).fn in (ops.rows_task, ops.place_task)]
+    assert len(free) == 2 + 2 + 2  # per worker: its gradient's rows, its weight's rows, place
+    assert all(op_seconds(graph, k, one_node.device, one_node.overhead) == 1e-6 for k in free)

@@ -394,8 +394,8 @@ class _Lowering:
         :data:`~rapydli.graph.comm.DIRECT_ALLREDUCE_MAX`) replicas, and its partial
         gradients are made on those replicas (data parallel)."""
         rows = region[0][1] - region[0][0]
-        return (self.shard_updates and 1 < len(replicas) <= DIRECT_ALLREDUCE_MAX and rows >= len(replicas)
-                and nbytes(region, self.itemsize) >= SHARD_MIN_BYTES
+        return (self.shard_updates and 1 < len(replicas) <= DIRECT_ALLREDUCE_MAX
+                and rows >= len(replicas) and nbytes(region, self.itemsize) >= SHARD_MIN_BYTES
                 and {w for _, w in parts} == set(replicas))
 
     def sharded_update(self, pkey: str, region: Region, parts: list, replicas: list[int],
@@ -424,7 +424,8 @@ class _Lowering:
             state = tuple(self.state_ref(pkey, s, shard, owner) for s in slots)
             key = f"{pkey}/update/{_tag(shard)}/w{owner}"
             self.graph.add_op(TileOp(
-                key, "update", "update", owner, ops.update_task, (Ref(view, (), size), g, *state),
+                key, "update", "update", owner, ops.update_task,
+                (Ref(view, (), size), g, *state),
                 dict(optimizer=self.optimizer, slots=slots, inplace=True), pkey.split(".")[0],
                 shape_of(shard), size, 4 * int(np.prod(shape_of(shard)))))
             for k, s in enumerate(state):
@@ -437,10 +438,10 @@ class _Lowering:
                 for shard, (ref, owner, size) in zip(shards, updated))
             key = f"{pkey}/place/{_tag(region)}/w{worker}"
             size = nbytes(region, self.itemsize)
-            self.graph.add_op(TileOp(key, "place", "update", worker, ops.place_task,
-                                     (weight, *blocks), dict(rows=rows, first=worker == replicas[0]),
-                                     pkey.split(".")[0],
-                                     shape_of(region), size))
+            self.graph.add_op(TileOp(
+                key, "place", "update", worker, ops.place_task, (weight, *blocks),
+                dict(rows=rows, first=worker == replicas[0]), pkey.split(".")[0],
+                shape_of(region), size))
             new_values[weight.key] = Ref(key, (), size)
 
     def predictions(self, last_tiles: list[_Tile]) -> None:
