@@ -383,6 +383,9 @@ def test_data_parallel_replicas_update_blocks_of_rows_of_large_weights(n):
     # (n - 1) whole weights each way, against n (n - 1) whole gradients sent to every replica
     assert sum(grads) == sum(rows) == (n - 1) * 300 * 64 * 4
     assert [op.worker for op in graph.ops(kind="place")] == list(range(n))
+    from rapydli.graph.unroll import unroll
+
+    unroll(graph, 3).validate()  # step k+1 reads the weight step k's blocks were put into
     whole = lower(wide_mlp(), data_parallel(n), 12, "train", OPTIMIZER, shard_updates=False)
     whole.validate()
     assert not whole.ops(kind="place") and len(whole.ops(kind="update")) == 4 * n

@@ -85,12 +85,29 @@ class TileGraph(nx.DiGraph):
             # a sharded update writes rows of a weight that every replica's copy may be (the
             # replicas on one machine share one): each replica reads its copy before it, or
             # only to pass it on (views, the blocks put in place after it)
-            info = placeholders.get(view.inputs[0].key)
-            for key in [k for k, i in placeholders.items() if i[:3] == info[:3]]:
+            for key in self._copies(view.inputs[0].key, placeholders):
                 for reader in self.successors(key):
                     assert self.op(reader).fn in (ops.rows_task, ops.place_task) or \
                         nx.has_path(self, reader, op.key), \
                         f"{reader} reads {key} but may run after the sharded update {op.key}"
+
+
+    def _copies(self, key: str, placeholders: dict) -> list[str]:
+        """Every replica's copy of the weight ``key`` holds: the placeholders of the same weight
+        tile, or, in an unrolled graph, the ops that put the blocks of the step before in
+        place (those that read what the same updates made)."""
+        if key in placeholders:
+            return [k for k, info in placeholders.items() if info[:3] == placeholders[key][:3]]
+        updates = set()
+        for ref in self.op(key).inputs[1:]:
+            op = self.op(ref.key)
+            updates.add(op.inputs[0].key if op.kind == "send" else ref.key)
+        copies = set()
+        for update in updates:  # its blocks go to place ops directly or through one send
+            for reader in self.successors(update):
+                after = self.successors(reader) if self.op(reader).kind == "send" else [reader]
+                copies.update(r for r in after if self.op(r).fn is ops.place_task)
+        return sorted(copies)
 
 
 @dataclass
