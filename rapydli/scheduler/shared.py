@@ -449,7 +449,7 @@ class _Kept:
             return None
         address, nbytes = array.ctypes.data, array.nbytes
         with self._lock:
-            for start, (size, path) in self._ranges.items():
+            for start, (size, path) in list(self._ranges.items()):
                 if start <= address and address + nbytes <= start + size:
                     return path, address - start
         return None
