@@ -31,8 +31,10 @@ from rapydli.layers import AXES
 
 MODES = ("train", "grad", "eval", "predict")
 
-#: weight tiles of at least this many bytes update sharded across their replicas (smaller ones:
-#: every replica updates the whole tile, which costs less than the messages of a sharded one)
+#: weight tiles of at least this many bytes update sharded across their replicas; smaller ones
+#: are updated whole by every replica, sparing the second round of messages a sharded update
+#: adds for an update that costs little (the size where shared memory starts to pay,
+#: ``rapydli.scheduler.shared.MIN_BYTES``; not tuned further)
 SHARD_MIN_BYTES = 1 << 16
 
 

@@ -223,9 +223,9 @@ def _posting_outputs(layer, posted: bool):
     (``Layer.gradients_in_place``, what the simulator reads too) write its gradients there as
     they compute them (``posted``: the op's gradients are posted), so that posting them
     copies nothing (see :meth:`rapydli.scheduler.mailbox.Exchange.allocate`)."""
-    allocate = getattr(_posting, "allocate", None) if posted and layer.gradients_in_place \
-        else None
-    return outputs_from(allocate)
+    exchange = getattr(_posting, "exchange", None)
+    return outputs_from(exchange.allocate if exchange is not None and posted
+                        and layer.gradients_in_place else None)
 
 
 def backward_input_task(x, y, dy, *params, layer, names: tuple[str, ...]):
@@ -290,7 +290,8 @@ def sum_update_task(weight, *values, optimizer, slots: tuple[str, ...], inplace:
     return (new_weight, *(new_state[s] for s in slots))
 
 
-#: per thread: the running task's :meth:`~rapydli.scheduler.mailbox.Exchange.allocate` (or None)
+#: per thread: the running task's :class:`~rapydli.scheduler.mailbox.Exchange` (or None), for
+#: the ops that take memory from it (:func:`_posting_outputs`, :func:`place_task`)
 _posting = threading.local()
 
 
@@ -305,16 +306,15 @@ def run_fused(program: tuple, keep: tuple, *values, exchange=None, drops=None) -
     for the task's next take (see :meth:`rapydli.scheduler.mailbox.Exchange.flush`). Mail
     goes through ``exchange`` (:class:`rapydli.scheduler.mailbox.Exchange`). ``drops``:
     ``drop_plan(program, keep)``, where the caller has it already (a plan's tasks do).
-    While it runs, ops that make tiles to post may take their memory from the exchange
-    (``_posting.allocate``; :func:`backward_params_task` does).
+    While it runs, ops that make tiles to post or share may take their memory from the
+    exchange (``_posting.exchange``; :func:`backward_params_task` and :func:`place_task` do).
     """
-    _posting.allocate = getattr(exchange, "allocate", None)
     _posting.exchange = exchange
     try:
         return _run(program, keep, values, exchange, drop_plan(program, keep) if drops is None
                     else drops)
     finally:
-        _posting.allocate = _posting.exchange = None
+        _posting.exchange = None
 
 
 def _run(program: tuple, keep: tuple, values: tuple, exchange, drops: tuple) -> dict:

@@ -175,8 +175,10 @@ class Segments:
         return known
 
     def pack(self, value, min_bytes: int = MIN_BYTES) -> SharedTile | None:
-        """``value`` copied into a free segment, or None when it should travel by message
-        (not an array of at least ``min_bytes``, or no segment to be had)."""
+        """The handle of ``value`` in shared memory, or None when it should travel by message
+        (not an array of at least ``min_bytes``, or no segment to be had): a block of a kept
+        array (:meth:`keep`) or an array :meth:`allocate` handed out goes as it lies, any other
+        is copied into a free segment."""
         if not isinstance(value, np.ndarray) or value.nbytes < min_bytes or value.dtype.hasobject:
             return None
         tile = kept_tile(value)
@@ -326,11 +328,7 @@ class Segments:
                 os.close(fd)
             self._bells.clear()
             for path, mapping, _ in self.segments:
-                _remove(path)
-                try:
-                    mapping.close()
-                except BufferError:  # an array still views it: it goes with that array
-                    pass
+                _let_file_go(path, mapping)
             for path, mapping in self._kept.items():
                 _forget_file(path, mapping)
             self.segments.clear()
@@ -385,11 +383,7 @@ class Mappings:
         """Let go of every mapping and delete the files seen (their sender may be gone)."""
         with self._lock:
             for path, mapping in self.maps.items():
-                _remove(path)
-                try:
-                    mapping.close()
-                except BufferError:
-                    pass
+                _let_file_go(path, mapping)
             for path in self.kept:
                 _KEPT.forget(path)
                 _remove(path)
@@ -409,10 +403,16 @@ def _forget_file(path: str, mapping: mmap.mmap) -> None:
     """A kept array's file goes: from the registry, from the directory, and unmapped once no
     array views it any more."""
     _KEPT.forget(path)
+    _let_file_go(path, mapping)
+
+
+def _let_file_go(path: str, mapping: mmap.mmap) -> None:
+    """Delete the file and unmap it, or leave the mapping to the arrays that still view it
+    (it goes with the last of them)."""
     _remove(path)
     try:
         mapping.close()
-    except BufferError:  # an array still views it: it goes with that array
+    except BufferError:
         pass
 
 
